@@ -1,0 +1,18 @@
+"""cellkern: fused kernels for 3-D cellular neural networks."""
+from . import ops
+from .backends import available_backends, backend_status
+from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "available_backends",
+    "backend_status",
+    "stencil",
+    "radius",
+    "Stencil",
+    "Geometry",
+    "parse_boundary",
+    "__version__",
+]

@@ -1,0 +1,122 @@
+"""Backends and dispatch.
+
+Every backend module exposes the same functions, which trust their inputs
+(validated, contiguous, on one device, ``s``/``w``/``x``/``bias`` of one dtype,
+``mask`` bool or None, ``x`` shaped like ``s`` or None, ``bias`` ``[C, D, H, W]``
+or None):
+
+- ``aggregate_forward(s, w, mask, geom) -> a``
+- ``aggregate_backward(g, s, w, mask, geom, need_s, need_w) -> (ds, dw)``
+- ``propagate_forward(s, w, mask, x, bias, geom, leak, activation, save_u) -> (out, u)``
+- ``propagate_backward(g, s, w, mask, u, geom, leak, activation, need_s, need_w, need_u)
+  -> (ds, dw, du)``
+
+``u`` (the pre-activation) and ``du`` are float32 (float64 for float64 input).
+
+``backend=None`` picks the fastest backend that can take the tensors' device
+(:data:`PREFERENCE`); ``CELLKERN_BACKEND`` in the environment or an explicit
+``backend=`` forces one.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+#: fastest first, per device type
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+_modules: dict = {}
+_reasons: dict = {}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load(name: str):
+    """Import a backend once; remember why it is unavailable."""
+    if name in _modules:
+        return _modules[name]
+    mod = None
+    try:
+        if name == "reference":
+            from . import reference as mod
+        elif name == "cpu":
+            mod = importlib.import_module(".cpu", __name__)
+        elif name == "triton":
+            if not (torch.cuda.is_available() or _triton_interpret()):
+                raise RuntimeError("no CUDA device and TRITON_INTERPRET is not 1")
+            mod = importlib.import_module(".triton", __name__)
+        elif name == "cuda":
+            if importlib.util.find_spec(f"{__name__}.cuda") is None:
+                raise ImportError("not built: this install has no CUDA C++ kernels")
+            mod = importlib.import_module(".cuda", __name__)
+        else:  # pragma: no cover - guarded by callers
+            raise ValueError(name)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
+        _reasons[name] = f"{type(exc).__name__}: {exc}"
+        if name == "cpu":
+            warnings.warn(
+                f"cellkern: the C++ CPU extension did not load ({_reasons[name]}); "
+                "the reference backend serves CPU tensors. `python -m cellkern.info` says more.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        mod = None
+    _modules[name] = mod
+    return mod
+
+
+def available_backends() -> list:
+    """The backends that loaded on this install, e.g. ``["reference", "cpu"]``."""
+    return [n for n in NAMES if _load(n) is not None]
+
+
+def backend_status() -> dict:
+    """``{name: "available" | reason it is not}`` for every backend."""
+    return {n: ("available" if _load(n) is not None else _reasons.get(n, "unavailable")) for n in NAMES}
+
+
+def supports(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _triton_interpret())
+    return False
+
+
+def select(backend, device: torch.device, op: str):
+    """Return ``(name, module)`` of the backend that runs ``op`` on ``device``."""
+    forced = backend if backend is not None else os.environ.get("CELLKERN_BACKEND") or None
+    if forced is not None:
+        if not isinstance(forced, str):
+            raise TypeError(f"{op}: backend must be a string or None, got {type(forced).__name__}")
+        name = forced.strip().lower()
+        src = "backend" if backend is not None else "CELLKERN_BACKEND"
+        if name not in NAMES:
+            raise ValueError(f"{op}: {src} must be one of {', '.join(NAMES)} or None, got {forced!r}")
+        mod = _load(name)
+        if mod is None:
+            raise RuntimeError(
+                f"{op}: {src}={name!r} is not available on this install ({_reasons.get(name)}); "
+                f"available: {', '.join(available_backends())}"
+            )
+        if not supports(name, device):
+            raise ValueError(f"{op}: {src}={name!r} cannot run on {device.type} tensors")
+        return name, mod
+    tried = []
+    for name in PREFERENCE.get(device.type, ("reference",)):
+        mod = _load(name)
+        if mod is not None and supports(name, device):
+            return name, mod
+        tried.append(f"{name}: {_reasons.get(name, 'does not run on ' + device.type)}")
+    raise RuntimeError(f"{op}: no backend can run on {device}: " + "; ".join(tried))  # pragma: no cover

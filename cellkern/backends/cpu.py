@@ -1,0 +1,41 @@
+"""The C++ CPU backend: fused OpenMP kernels from ``csrc/cpu`` (module ``cellkern._C``).
+
+Importing this module fails (and the dispatcher falls back to the reference)
+when the extension was not built.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (registers the torch.ops.cellkern_cpu kernels)
+from ..stencil import Geometry
+
+_ops = torch.ops.cellkern_cpu
+_ACT = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
+
+
+def _tab(geom: Geometry) -> torch.Tensor:
+    return geom.offsets_on("cpu", torch.int64)
+
+
+def aggregate_forward(s, w, mask, geom: Geometry):
+    return _ops.aggregate_forward(s, w, mask, _tab(geom), list(geom.periodic))
+
+
+def aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool):
+    ds = _ops.aggregate_transposed(g, w, mask, _tab(geom), list(geom.periodic)) if need_s else None
+    dw = _ops.weight_grad(g, s, mask, _tab(geom), list(geom.periodic)) if need_w else None
+    return ds, dw
+
+
+def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
+    out, u = _ops.propagate_forward(s, w, mask, x, bias, _tab(geom), list(geom.periodic),
+                                    float(leak), _ACT[activation], bool(save_u))
+    return out, (u if save_u else None)
+
+
+def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
+                       need_s: bool, need_w: bool, need_u: bool):
+    ds, dw, du = _ops.propagate_backward(g, s, w, mask, u, _tab(geom), list(geom.periodic),
+                                         float(leak), _ACT[activation], bool(need_s), bool(need_w))
+    return (ds if need_s else None), (dw if need_w else None), (du if need_u else None)

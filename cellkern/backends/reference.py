@@ -1,0 +1,177 @@
+"""The reference backend: SPEC §2 written in plain torch.
+
+This is the ground truth of every test. It is written to be read, not to be
+fast, and it is never edited to match a kernel. Every function here has the
+same name and signature in every backend (see ``cellkern/backends/__init__.py``
+for the contract). All arithmetic happens in float32 (float64 for float64
+inputs); results are cast back to the dtype of ``s`` (``w`` for ``dw``).
+
+The forward functions are differentiable torch code, so
+``torch.autograd`` through them is an independent check of the explicit
+gradient formulas in the backward functions.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..stencil import Geometry
+
+ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def in_lattice(dims, offset, periodic, device) -> torch.Tensor:
+    """Bool ``[D, H, W]``: False where ``i + offset`` lies outside a zero boundary."""
+    valid = torch.ones(tuple(dims), dtype=torch.bool, device=device)
+    for a in range(3):
+        if not periodic[a]:
+            idx = torch.arange(dims[a], device=device) + offset[a]
+            shape = [1, 1, 1]
+            shape[a] = dims[a]
+            valid = valid & ((idx >= 0) & (idx < dims[a])).view(shape)
+    return valid
+
+
+def shift(t: torch.Tensor, offset, periodic) -> tuple:
+    """Read ``t`` at ``(z+dz, y+dy, x+dx)`` over its last three dims.
+
+    Returns ``(shifted, valid)``: ``shifted[..., z, y, x] = t[..., z+dz, y+dy, x+dx]``
+    (indices wrapped along periodic axes) and ``valid`` a bool ``[D, H, W]``
+    that is False where the read position lies outside a ``zero`` boundary
+    (there ``shifted`` is 0).
+    """
+    dims = t.shape[-3:]
+    out = t
+    for a in range(3):
+        idx = torch.arange(dims[a], device=t.device) + offset[a]
+        idx = torch.remainder(idx, dims[a]) if periodic[a] else idx.clamp(0, dims[a] - 1)
+        out = out.index_select(t.dim() - 3 + a, idx)
+    valid = in_lattice(dims, offset, periodic, t.device)
+    return out * valid.to(out.dtype), valid
+
+
+def _effective_weight(w: torch.Tensor, mask, k: int, valid: torch.Tensor, acc) -> torch.Tensor:
+    """m[k] · w[k], zero where the neighbour lies outside a zero boundary."""
+    wk = w[k].to(acc) * valid.to(acc)
+    if mask is not None:
+        wk = wk * mask[k].to(acc)
+    return wk
+
+
+def aggregate_forward(s, w, mask, geom: Geometry):
+    """``a[b,c,i] = Σ_k m[k,i] · w[k,i] · s[b,c,nbr(i,k)]``."""
+    acc = accumulation_dtype(s.dtype)
+    sa = s.to(acc)
+    a = torch.zeros(s.shape, dtype=acc, device=s.device)
+    for k, o in enumerate(geom.offsets):
+        s_nbr, valid = shift(sa, o, geom.periodic)
+        a = a + _effective_weight(w, mask, k, valid, acc) * s_nbr
+    return a.to(s.dtype)
+
+
+def aggregate_transposed(g, w, mask, geom: Geometry):
+    """``ds[b,c,j] = Σ_k m[k,j-o_k] · w[k,j-o_k] · g[b,c,j-o_k]`` (fp32/fp64 result).
+
+    The transposed stencil is again a gather, at ``-o_k``: the cell ``i = j - o_k``
+    has ``j`` as its k-th neighbour, so it sends ``w[k,i]·g[i]`` back to ``j``.
+    """
+    acc = accumulation_dtype(g.dtype)
+    ga = g.to(acc)
+    ds = torch.zeros(g.shape, dtype=acc, device=g.device)
+    for k, o in enumerate(geom.offsets):
+        valid = in_lattice(g.shape[-3:], o, geom.periodic, g.device)
+        contrib = _effective_weight(w, mask, k, valid, acc) * ga  # at the post cell i
+        back, _ = shift(contrib, tuple(-v for v in o), geom.periodic)
+        ds = ds + back
+    return ds
+
+
+def weight_grad(g, s, mask, geom: Geometry, dtype):
+    """``dw[k,i] = m[k,i] · Σ_{b,c} g[b,c,i] · s[b,c,nbr(i,k)]`` (0 outside a zero boundary)."""
+    acc = accumulation_dtype(g.dtype)
+    ga, sa = g.to(acc), s.to(acc)
+    K = geom.K
+    dw = torch.zeros((K,) + tuple(s.shape[-3:]), dtype=acc, device=s.device)
+    for k, o in enumerate(geom.offsets):
+        s_nbr, valid = shift(sa, o, geom.periodic)
+        d = (ga * s_nbr).sum(dim=(0, 1)) * valid.to(acc)
+        if mask is not None:
+            d = d * mask[k].to(acc)
+        dw[k] = d
+    return dw.to(dtype)
+
+
+def aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool):
+    ds = aggregate_transposed(g, w, mask, geom).to(s.dtype) if need_s else None
+    dw = weight_grad(g, s, mask, geom, w.dtype) if need_w else None
+    return ds, dw
+
+
+def activate(u, activation: str):
+    """φ(u) for φ in identity / tanh / relu / sigmoid."""
+    if activation == "identity":
+        return u
+    if activation == "tanh":
+        return torch.tanh(u)
+    if activation == "relu":
+        return torch.relu(u)
+    if activation == "sigmoid":
+        return torch.sigmoid(u)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def activate_grad(u, activation: str):
+    """φ'(u); relu'(0) = 0 as in torch."""
+    if activation == "identity":
+        return torch.ones_like(u)
+    if activation == "tanh":
+        t = torch.tanh(u)
+        return 1 - t * t
+    if activation == "relu":
+        return (u > 0).to(u.dtype)
+    if activation == "sigmoid":
+        sg = torch.sigmoid(u)
+        return sg * (1 - sg)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
+    """``s' = (1-α)·s + α·φ(u)``, ``u = aggregate(s, w, mask) + x + bias``.
+
+    Returns ``(s', u)``; ``u`` (fp32, fp64 for fp64 input) only when ``save_u``.
+    ``x`` is None or shaped like ``s``; ``bias`` None or ``[C, D, H, W]``.
+    """
+    acc = accumulation_dtype(s.dtype)
+    sa = s.to(acc)
+    u = torch.zeros(s.shape, dtype=acc, device=s.device)
+    for k, o in enumerate(geom.offsets):
+        s_nbr, valid = shift(sa, o, geom.periodic)
+        u = u + _effective_weight(w, mask, k, valid, acc) * s_nbr
+    if x is not None:
+        u = u + x.to(acc)
+    if bias is not None:
+        u = u + bias.to(acc)
+    out = (1.0 - leak) * sa + leak * activate(u, activation)
+    return out.to(s.dtype), (u if save_u else None)
+
+
+def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
+                       need_s: bool, need_w: bool, need_u: bool):
+    """Gradients of ``propagate`` given the upstream ``g`` and the saved ``u``.
+
+    ``du = g · α · φ'(u)`` (the gradient of x and, summed over b, of bias);
+    ``ds = (1-α)·g + aggregate_transposed(du)``; ``dw = weight_grad(du, s)``.
+    Returns ``(ds, dw, du)`` with ``du`` in the dtype of ``u``.
+    """
+    acc = u.dtype
+    du = g.to(acc) * leak * activate_grad(u, activation)
+    ds = dw = None
+    if need_s:
+        ds = ((1.0 - leak) * g.to(acc) + aggregate_transposed(du, w, mask, geom)).to(s.dtype)
+    if need_w:
+        dw = weight_grad(du, s, mask, geom, w.dtype)
+    return ds, dw, (du if need_u else None)

@@ -1,0 +1,212 @@
+"""Lattice propagation ops (SPEC §2): validation → dispatch → autograd.Function."""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+from .. import backends
+from ..backends.reference import ACTIVATIONS
+from ..stencil import Geometry, parse_boundary
+from ..stencil import stencil as make_stencil
+from . import validation as V
+
+__all__ = ["aggregate", "propagate", "propagate_steps"]
+
+
+def _geometry(op: str, stencil, boundary) -> Geometry:
+    try:
+        st = make_stencil(stencil)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{op}: {exc}") from None
+    return Geometry(st, parse_boundary(boundary, arg=f"{op}: boundary"))
+
+
+class _Aggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, w, mask, geom, be):
+        ctx.geom, ctx.be = geom, be
+        ctx.save_for_backward(s, w, mask)
+        return be.aggregate_forward(s, w, mask, geom)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        s, w, mask = ctx.saved_tensors
+        ds, dw = ctx.be.aggregate_backward(
+            V.contiguous(g), s, w, mask, ctx.geom, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return ds, dw, None, None, None
+
+
+class _Propagate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, w, mask, x, bias, geom, leak, activation, be):
+        need = ctx.needs_input_grad
+        save = need[0] or need[1] or need[3] or need[4]
+        out, u = be.propagate_forward(s, w, mask, x, bias, geom, leak, activation, save)
+        if save:
+            ctx.save_for_backward(s, w, mask, u)
+        ctx.geom, ctx.leak, ctx.activation, ctx.be = geom, leak, activation, be
+        ctx.x_dtype = None if x is None else x.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        s, w, mask, u = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        ds, dw, du = ctx.be.propagate_backward(
+            V.contiguous(g), s, w, mask, u, ctx.geom, ctx.leak, ctx.activation,
+            need[0], need[1], need[3] or need[4],
+        )
+        dx = du.to(ctx.x_dtype) if need[3] else None
+        dbias = du.sum(0).to(s.dtype) if need[4] else None
+        return ds, dw, None, dx, dbias, None, None, None, None
+
+
+def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=None):
+    """Weighted sum of each cell's neighbours.
+
+    ``a[b,c,i] = Σ_k m[k,i] · w[k,i] · s[b,c,nbr(i,k)]``
+
+    Args:
+        s: state ``[B, C, D, H, W]``, float16/bfloat16/float32/float64.
+        w: weights ``[K, D, H, W]``, same dtype and device as ``s``; ``w[k, i]``
+            is the synapse from ``nbr(i, k)`` onto ``i``.
+        mask: optional bool ``[K, D, H, W]``; False = pruned (acts as 0). Default: None.
+        stencil: ``"von_neumann"``, ``"moore18"``, ``"moore"``, ``"radius(r)"``
+            or a :class:`~cellkern.Stencil`. Default: ``"moore"``.
+        boundary: ``"periodic"``, ``"zero"`` or a per-axis 3-tuple (z, y, x).
+            Default: ``"periodic"``.
+        backend: ``None`` (fastest for the device), ``"reference"``, ``"cpu"``,
+            ``"triton"`` or ``"cuda"``. Default: None (or ``$CELLKERN_BACKEND``).
+
+    Returns:
+        ``a`` ``[B, C, D, H, W]`` in the dtype of ``s`` (accumulated in fp32).
+        Differentiable in ``s`` and ``w``.
+
+    Example:
+        >>> import torch, cellkern as ck
+        >>> s = torch.randn(2, 4, 8, 8, 8)
+        >>> w = torch.rand(26, 8, 8, 8)
+        >>> ck.ops.aggregate(s, w).shape
+        torch.Size([2, 4, 8, 8, 8])
+    """
+    op = "aggregate"
+    geom = _geometry(op, stencil, boundary)
+    V.check_state(op, s)
+    V.check_weights(op, w, s, geom.K)
+    V.check_mask(op, mask, geom.K, s)
+    _, be = backends.select(backend, s.device, op)
+    return _Aggregate.apply(V.contiguous(s), V.contiguous(w), V.contiguous(mask), geom, be)
+
+
+def _prepare_propagate(op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend):
+    geom = _geometry(op, stencil, boundary)
+    V.check_state(op, s)
+    V.check_weights(op, w, s, geom.K)
+    V.check_mask(op, mask, geom.K, s)
+    V.check_bias(op, bias, s)
+    leak = V.check_leak(op, leak)
+    activation = V.check_choice(op, "activation", activation, ACTIVATIONS)
+    _, be = backends.select(backend, s.device, op)
+    if bias is not None and bias.dim() == 1:
+        bias = bias.view(-1, 1, 1, 1).expand(bias.shape[0], *s.shape[2:])
+    return geom, leak, activation, be, V.contiguous(w), V.contiguous(mask), V.contiguous(bias)
+
+
+def _drive(x, s):
+    """``x`` broadcast to the shape of ``s`` (expand is differentiable: its
+    backward sums the gradient back to the broadcast shape)."""
+    if x is None:
+        return None
+    if tuple(x.shape) != tuple(s.shape):
+        x = x.expand(s.shape)
+    return V.contiguous(x)
+
+
+def propagate(s, w, mask=None, x=None, bias=None, *, leak=1.0, activation="tanh",
+              stencil="moore", boundary="periodic", backend=None):
+    """One fused cell update.
+
+    ``s' = (1-α)·s + α·φ(aggregate(s, w, mask) + x + bias)``
+
+    Args:
+        s: state ``[B, C, D, H, W]``.
+        w: weights ``[K, D, H, W]`` (dtype and device of ``s``).
+        mask: optional bool ``[K, D, H, W]``, False = pruned. Default: None.
+        x: optional external drive, shaped like ``s`` or broadcastable to it. Default: None.
+        bias: optional ``[C]`` or ``[C, D, H, W]``. Default: None.
+        leak: α in [0, 1]; 1 replaces the state, 0 keeps it. Default: 1.0.
+        activation: φ, one of ``identity``, ``tanh``, ``relu``, ``sigmoid``. Default: ``"tanh"``.
+        stencil, boundary, backend: as in :func:`aggregate`.
+
+    Returns:
+        ``s'`` shaped and typed like ``s``. Gradients flow to ``s``, ``w``, ``x`` and ``bias``.
+
+    Example:
+        >>> import torch, cellkern as ck
+        >>> s = torch.zeros(1, 1, 8, 8, 8)
+        >>> w = torch.full((26, 8, 8, 8), 0.05)
+        >>> ck.ops.propagate(s, w, x=torch.ones_like(s), leak=0.5).mean().item() > 0
+        True
+    """
+    op = "propagate"
+    geom, leak, activation, be, w, mask, bias = _prepare_propagate(
+        op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend)
+    V.check_drive(op, x, s)
+    return _Propagate.apply(V.contiguous(s), w, mask, _drive(x, s), bias, geom, leak, activation, be)
+
+
+def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_every=None, leak=1.0,
+                    activation="tanh", stencil="moore", boundary="periodic", backend=None):
+    """``steps`` unrolled :func:`propagate` updates with the same weights.
+
+    Args:
+        s, w, mask, bias, leak, activation, stencil, boundary, backend: as in :func:`propagate`.
+        steps: T, the number of updates (a positive int).
+        x: optional drive: broadcastable to ``s`` (the same drive every step), or
+            ``[T, B, C, D, H, W]`` (one drive per step). Default: None.
+        checkpoint_every: k. If set, backward keeps only every k-th state and
+            recomputes the k steps in between (activation memory ~ T/k + k
+            states instead of T). Default: None (store every step).
+
+    Returns:
+        The state after T steps.
+
+    Example:
+        >>> import torch, cellkern as ck
+        >>> s = torch.randn(1, 2, 6, 6, 6)
+        >>> w = torch.rand(26, 6, 6, 6) * 0.05
+        >>> ck.ops.propagate_steps(s, w, 4, checkpoint_every=2).shape
+        torch.Size([1, 2, 6, 6, 6])
+    """
+    op = "propagate_steps"
+    steps = V.check_positive_int(op, "steps", steps)
+    k = V.check_positive_int(op, "checkpoint_every", checkpoint_every, allow_none=True)
+    geom, leak, activation, be, w, mask, bias = _prepare_propagate(
+        op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend)
+    per_step = x is not None and isinstance(x, torch.Tensor) and x.dim() == 6
+    if per_step:
+        if x.shape[0] != steps:
+            raise ValueError(f"{op}: a per-step x must have shape (T, B, C, D, H, W) with T = steps = {steps}, "
+                             f"got {tuple(x.shape)}")
+        for t in range(steps):
+            V.check_drive(op, x[t], s, name=f"x[{t}]")
+    else:
+        V.check_drive(op, x, s)
+        x = _drive(x, s)
+
+    def run(state, t0, t1):
+        for t in range(t0, t1):
+            xt = _drive(x[t], state) if per_step else x
+            state = _Propagate.apply(state, w, mask, xt, bias, geom, leak, activation, be)
+        return state
+
+    state = V.contiguous(s)
+    if k is None or not torch.is_grad_enabled():
+        return run(state, 0, steps)
+    for t0 in range(0, steps, k):
+        state = checkpoint(run, state, t0, min(t0 + k, steps), use_reentrant=False)
+    return state

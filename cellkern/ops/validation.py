@@ -1,0 +1,122 @@
+"""Input checks at the public boundary (STYLE rule 3).
+
+Every message names the op, the argument, what was expected and what came.
+Backends trust what passes these checks.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def contiguous(t):
+    """The one contiguity helper: a no-op for contiguous tensors and None."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def check_tensor(op: str, name: str, t, *, allow_none: bool = False):
+    if t is None and allow_none:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_state(op: str, s, name: str = "s") -> None:
+    """``s`` is a float tensor ``[B, C, D, H, W]`` with no empty dim."""
+    check_tensor(op, name, s)
+    if s.dim() != 5:
+        raise ValueError(f"{op}: {name} must have shape (B, C, D, H, W) (5 dims), got {_shape(s)} ({s.dim()} dims)")
+    if s.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be {_DTYPE_NAMES}, got {s.dtype}")
+    if s.numel() == 0:
+        raise ValueError(f"{op}: {name} must have no empty dim, got shape {_shape(s)}")
+
+
+def check_weights(op: str, w, s, K: int, name: str = "w") -> None:
+    """``w`` is ``[K, D, H, W]`` with the dtype and device of ``s``."""
+    check_tensor(op, name, w)
+    want = (K,) + _shape(s)[2:]
+    if _shape(w) != want:
+        raise ValueError(f"{op}: {name} must have shape (K, D, H, W) = {want}, got {_shape(w)}")
+    check_same(op, name, w, s)
+
+
+def check_same(op: str, name: str, t, s, what: str = "s") -> None:
+    if t.dtype != s.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of {what} ({s.dtype}), got {t.dtype}")
+    if t.device != s.device:
+        raise ValueError(f"{op}: {name} must be on the device of {what} ({s.device}), got {t.device}")
+
+
+def check_mask(op: str, mask, K: int, s) -> None:
+    if mask is None:
+        return
+    check_tensor(op, "mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be a bool tensor (False = pruned), got {mask.dtype}")
+    want = (K,) + _shape(s)[2:]
+    if _shape(mask) != want:
+        raise ValueError(f"{op}: mask must have shape (K, D, H, W) = {want}, got {_shape(mask)}")
+    if mask.device != s.device:
+        raise ValueError(f"{op}: mask must be on the device of s ({s.device}), got {mask.device}")
+
+
+def check_drive(op: str, x, s, name: str = "x") -> None:
+    """``x`` broadcasts to the shape of ``s`` and matches its dtype/device."""
+    if x is None:
+        return
+    check_tensor(op, name, x)
+    try:
+        shape = torch.broadcast_shapes(_shape(x), _shape(s))
+    except RuntimeError:
+        shape = None
+    if shape != _shape(s):
+        raise ValueError(f"{op}: {name} must be broadcastable to the shape of s {_shape(s)}, got {_shape(x)}")
+    check_same(op, name, x, s)
+
+
+def check_bias(op: str, bias, s) -> None:
+    if bias is None:
+        return
+    check_tensor(op, "bias", bias)
+    C, dims = s.shape[1], _shape(s)[2:]
+    if _shape(bias) not in ((C,), (C,) + dims):
+        raise ValueError(f"{op}: bias must have shape (C,) = ({C},) or (C, D, H, W) = {(C,) + dims}, got {_shape(bias)}")
+    check_same(op, "bias", bias, s)
+
+
+def check_leak(op: str, leak) -> float:
+    if isinstance(leak, bool) or not isinstance(leak, numbers.Real):
+        raise TypeError(f"{op}: leak must be a real number in [0, 1], got {type(leak).__name__} {leak!r}")
+    leak = float(leak)
+    if not math.isfinite(leak) or not 0.0 <= leak <= 1.0:
+        raise ValueError(f"{op}: leak must be a finite number in [0, 1], got {leak!r}")
+    return leak
+
+
+def check_choice(op: str, name: str, value, choices) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{op}: {name} must be one of {', '.join(choices)}, got {type(value).__name__} {value!r}")
+    v = value.strip().lower()
+    if v not in choices:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return v
+
+
+def check_positive_int(op: str, name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    return int(value)

@@ -1,0 +1,53 @@
+// Op registration, in one place: the schemas of the torch.ops.cellkern_cpu
+// namespace and their CPU kernels (csrc/cpu/). Importing the Python module
+// cellkern._C runs these static registrations.
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace cellkern {
+namespace cpu {
+
+at::Tensor aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+                             const at::Tensor& offsets, c10::List<bool> periodic);
+at::Tensor aggregate_transposed(const at::Tensor& g, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+                                const at::Tensor& offsets, c10::List<bool> periodic);
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& s, const std::optional<at::Tensor>& mask,
+                       const at::Tensor& offsets, c10::List<bool> periodic);
+std::tuple<at::Tensor, at::Tensor> propagate_forward(const at::Tensor& s, const at::Tensor& w,
+                                                     const std::optional<at::Tensor>& mask,
+                                                     const std::optional<at::Tensor>& x,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& offsets, c10::List<bool> periodic,
+                                                     double leak, int64_t act, bool save_u);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
+    const at::Tensor& g, const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+    const at::Tensor& u, const at::Tensor& offsets, c10::List<bool> periodic, double leak, int64_t act,
+    bool need_s, bool need_w);
+
+}  // namespace cpu
+}  // namespace cellkern
+
+TORCH_LIBRARY(cellkern_cpu, m) {
+  m.def("aggregate_forward(Tensor s, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def("aggregate_transposed(Tensor g, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def("weight_grad(Tensor g, Tensor s, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def(
+      "propagate_forward(Tensor s, Tensor w, Tensor? mask, Tensor? x, Tensor? bias, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool save_u) -> (Tensor, Tensor)");
+  m.def(
+      "propagate_backward(Tensor g, Tensor s, Tensor w, Tensor? mask, Tensor u, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool need_s, bool need_w) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
+  m.impl("aggregate_forward", &cellkern::cpu::aggregate_forward);
+  m.impl("aggregate_transposed", &cellkern::cpu::aggregate_transposed);
+  m.impl("weight_grad", &cellkern::cpu::weight_grad);
+  m.impl("propagate_forward", &cellkern::cpu::propagate_forward);
+  m.impl("propagate_backward", &cellkern::cpu::propagate_backward);
+}
+
+// The ops live in torch.ops.cellkern_cpu; the module itself is empty.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -1,0 +1,614 @@
+// Fused CPU kernels of the propagation family (SPEC §2).
+//
+//   aggregate   a[b,c,i]  = Σ_k m[k,i]·w[k,i]·s[b,c,nbr(i,k)]
+//   transposed  ds[b,c,j] = Σ_k m[k,j-o_k]·w[k,j-o_k]·g[b,c,j-o_k]
+//   weight_grad dw[k,i]   = m[k,i]·Σ_{b,c} g[b,c,i]·s[b,c,nbr(i,k)]
+//   propagate   s'        = (1-α)·s + α·φ(aggregate + x + bias)
+//
+// Every pass is parallel over lattice rows (z, y): a thread owns whole rows
+// of its output, so no pass needs atomics. Per row it collects one product
+// term per offset k (the weight row, contiguous along x, and the shifted
+// state row) and sums them with row_dot: the interior cells (no wrap, no
+// bounds test) as SIMD blocks held in registers while the K terms stream
+// past, then the few edge cells (wrap or zero). Weight rows are read once
+// per block of rows and reused from cache for every (b, c).
+//
+// Precision: fp16/bf16 are converted on load, every sum is fp32 (fp64 for
+// fp64 inputs), results are cast back to the input dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../stencil.h"
+
+namespace cellkern {
+namespace cpu {
+namespace {
+
+enum Act : int64_t { kIdentity = 0, kTanh = 1, kRelu = 2, kSigmoid = 3 };
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// The lattice and stencil as the kernels see them.
+struct Lattice {
+  int64_t BC, C, D, H, W, N, K;
+  bool pz, py, px;
+  int64_t reach_x;  // max |dx|: the x cells [reach_x, W - reach_x) never wrap
+  std::vector<int64_t> dz, dy, dx;
+};
+
+Lattice make_lattice(const at::Tensor& s, const at::Tensor& offsets, const c10::List<bool>& periodic) {
+  TORCH_CHECK(s.dim() == 5, "cellkern_cpu: expected a [B, C, D, H, W] tensor, got ", s.sizes());
+  TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == 3, "cellkern_cpu: offsets must be [K, 3], got ",
+              offsets.sizes());
+  TORCH_CHECK(periodic.size() == 3, "cellkern_cpu: periodic must have 3 entries, got ", periodic.size());
+  Lattice L;
+  L.C = s.size(1);
+  L.BC = s.size(0) * L.C;
+  L.D = s.size(2);
+  L.H = s.size(3);
+  L.W = s.size(4);
+  L.N = L.D * L.H * L.W;
+  L.K = offsets.size(0);
+  L.pz = periodic.get(0);
+  L.py = periodic.get(1);
+  L.px = periodic.get(2);
+  const at::Tensor o = offsets.to(at::kLong).contiguous();
+  const int64_t* p_o = o.data_ptr<int64_t>();
+  for (int64_t k = 0; k < L.K; ++k) {
+    L.dz.push_back(p_o[3 * k]);
+    L.dy.push_back(p_o[3 * k + 1]);
+    L.dx.push_back(p_o[3 * k + 2]);
+  }
+  L.reach_x = 0;
+  for (int64_t d : L.dx) L.reach_x = std::max(L.reach_x, d < 0 ? -d : d);
+  return L;
+}
+
+// Rows per task: enough work per task to amortise the scheduling.
+int64_t row_grain(const Lattice& L) {
+  const int64_t per_row = std::max<int64_t>(1, L.K * L.W * L.BC);
+  return std::max<int64_t>(1, 32768 / per_row);
+}
+
+// ---- activations (float: a vectorisable rational tanh; double: libm) ----
+
+// tanh(x) on [-7.905, 7.905] as the rational function p(x)/q(x) of Eigen's
+// generic_fast_tanh_float (max error a few ulp); ±1 beyond. Branch-free so
+// that `omp simd` loops vectorise it.
+inline float tanh_fast(float x) {
+  const float c = 7.90531110763549805f;
+  const float xc = std::min(std::max(x, -c), c);
+  const float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return std::abs(x) < 0.0004f ? x : p / q;
+}
+inline double tanh_fast(double x) { return std::tanh(x); }
+
+template <int64_t ACT, typename T>
+inline T act_fn(T u) {
+  if constexpr (ACT == kTanh) {
+    return tanh_fast(u);
+  } else if constexpr (ACT == kRelu) {
+    return u < T(0) ? T(0) : u;  // NaN passes through, as torch.relu
+  } else if constexpr (ACT == kSigmoid) {
+    return T(0.5) + T(0.5) * tanh_fast(T(0.5) * u);
+  } else {
+    return u;
+  }
+}
+
+template <int64_t ACT, typename T>
+inline T act_grad(T u) {
+  if constexpr (ACT == kTanh) {
+    const T t = tanh_fast(u);
+    return T(1) - t * t;
+  } else if constexpr (ACT == kRelu) {
+    return u > T(0) ? T(1) : T(0);  // relu'(0) = 0
+  } else if constexpr (ACT == kSigmoid) {
+    const T sg = T(0.5) + T(0.5) * tanh_fast(T(0.5) * u);
+    return sg * (T(1) - sg);
+  } else {
+    return T(1);
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, ACT>{}) for the runtime code act.
+template <typename F>
+void dispatch_act(int64_t act, F&& f) {
+  switch (act) {
+    case kIdentity: f(std::integral_constant<int64_t, kIdentity>{}); break;
+    case kTanh: f(std::integral_constant<int64_t, kTanh>{}); break;
+    case kRelu: f(std::integral_constant<int64_t, kRelu>{}); break;
+    case kSigmoid: f(std::integral_constant<int64_t, kSigmoid>{}); break;
+    default: TORCH_CHECK(false, "cellkern_cpu: act must be 0 (identity), 1 (tanh), 2 (relu) or 3 (sigmoid), got ", act);
+  }
+}
+
+// ---- row primitives ----
+
+// A 64-byte vector of the accumulation type (GCC/Clang vector extension: the
+// compiler maps it onto whatever SIMD width -march allows).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(64), aligned(8)));
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// One product term of a row sum: a[x + da] · b[x + db].
+template <typename T>
+struct Term {
+  const T* a;
+  const T* b;
+  int64_t da, db;
+};
+
+// out[x0 .. x0 + U·L) = Σ_t pa_t[x0 ..]·pb_t[x0 ..]: U vectors held in registers
+// while the terms stream past.
+template <bool accumulate, int U, typename T>
+inline void dot_block(T* __restrict out, const T* const* pa, const T* const* pb, int64_t nt, int64_t x0) {
+  using V = typename Simd<T>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  V r[U];
+  for (int u = 0; u < U; ++u) r[u] = accumulate ? load<V>(out + x0 + u * L) : V{};
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* p_a = pa[t] + x0;
+    const T* p_b = pb[t] + x0;
+    for (int u = 0; u < U; ++u) r[u] += load<V>(p_a + u * L) * load<V>(p_b + u * L);
+  }
+  for (int u = 0; u < U; ++u) store(out + x0 + u * L, r[u]);
+}
+
+// Blocks of U vectors over [x0, x1). When writing, a ragged end is covered
+// by one more block ending at x1, which overlaps cells already written with
+// the same sums; when accumulating it is left to the caller. Returns where
+// it stopped.
+template <bool accumulate, int U, typename T>
+inline int64_t dot_blocks(T* out, const T* const* pa, const T* const* pb, int64_t nt, int64_t x0, int64_t x1) {
+  constexpr int64_t B = U * int64_t(sizeof(typename Simd<T>::type) / sizeof(T));
+  if (x1 - x0 < B) return x0;
+  int64_t x = x0;
+  for (; x + B <= x1; x += B) dot_block<accumulate, U>(out, pa, pb, nt, x);
+  if (accumulate || x == x1) return x;
+  dot_block<accumulate, U>(out, pa, pb, nt, x1 - B);
+  return x1;
+}
+
+// out[x] = Σ_t a_t[x+da_t]·b_t[x+db_t] (out[x] += ... when accumulate) for
+// every x of a row of W cells.
+// A term whose index leaves [0, W) wraps when the x axis is periodic and is
+// dropped under a zero boundary. `reach` bounds |da|, |db|: the interior
+// cells [reach, W-reach) need neither test and run as SIMD blocks; only the
+// `reach` cells at each end take the scalar path.
+template <bool accumulate, typename T>
+void row_dot(T* __restrict out, const Term<T>* terms, int64_t nt, int64_t W, int64_t reach, bool periodic,
+             const T** pa, const T** pb) {
+  const int64_t e1 = std::min(reach, W);
+  const int64_t e2 = std::max(e1, W - reach);
+  if (e2 > e1) {
+    // pointers to each term's first interior cell: in bounds, so no address
+    // ever points before a row
+    for (int64_t t = 0; t < nt; ++t) {
+      pa[t] = terms[t].a + (e1 + terms[t].da);
+      pb[t] = terms[t].b + (e1 + terms[t].db);
+    }
+    T* o = out + e1;
+    const int64_t n = e2 - e1;
+    int64_t x = dot_blocks<accumulate, 4>(o, pa, pb, nt, 0, n);
+    if (x < n) x = dot_blocks<accumulate, 1>(o, pa, pb, nt, x, n);
+    for (; x < n; ++x) {
+      T r = accumulate ? o[x] : T(0);
+      for (int64_t t = 0; t < nt; ++t) r += pa[t][x] * pb[t][x];
+      o[x] = r;
+    }
+  }
+  const bool near = reach < W;  // every index is within one period of [0, W)
+  auto edge = [&](int64_t x0, int64_t x1) {
+    for (int64_t xe = x0; xe < x1; ++xe) {
+      T r = accumulate ? out[xe] : T(0);
+      for (int64_t t = 0; t < nt; ++t) {
+        int64_t xa = xe + terms[t].da, xb = xe + terms[t].db;
+        if (periodic) {
+          xa = near ? wrap_once(xa, W) : wrap(xa, W);
+          xb = near ? wrap_once(xb, W) : wrap(xb, W);
+        } else if (!inside(xa, W) || !inside(xb, W)) {
+          continue;
+        }
+        r += terms[t].a[xa] * terms[t].b[xb];
+      }
+      out[xe] = r;
+    }
+  };
+  edge(0, e1);
+  edge(e2, W);
+}
+
+// Rows of a [BC, D, H, W] tensor in the accumulation type: the tensor's own
+// rows when it already has that type, else copies converted on first use
+// (fp16/bf16), valid until clear().
+template <typename scalar_t>
+class RowSource {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  RowSource(const scalar_t* base, int64_t N, int64_t W, int64_t capacity) : base_(base), N_(N), W_(W) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      buf_.resize(capacity * W);
+      keys_.reserve(capacity);
+    }
+  }
+  void clear() { keys_.clear(); }
+  const acc_t* row(int64_t bc, int64_t r) {
+    const scalar_t* p = base_ + bc * N_ + r * W_;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return p;
+    } else {
+      for (size_t i = 0; i < keys_.size(); ++i) {
+        if (keys_[i] == p) return buf_.data() + i * W_;
+      }
+      TORCH_CHECK(static_cast<int64_t>(keys_.size() + 1) * W_ <= static_cast<int64_t>(buf_.size()),
+                  "cellkern_cpu: row cache overflow");
+      acc_t* dst = buf_.data() + keys_.size() * W_;
+      keys_.push_back(p);
+#pragma omp simd
+      for (int64_t x = 0; x < W_; ++x) dst[x] = static_cast<acc_t>(p[x]);
+      return dst;
+    }
+  }
+
+ private:
+  const scalar_t* base_;
+  int64_t N_, W_;
+  std::vector<acc_t> buf_;
+  std::vector<const scalar_t*> keys_;
+};
+
+// The effective weight row m[k,r]·w[k,r] in the accumulation type: w's own
+// row when no conversion or mask is needed, else a copy in `buf`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* weight_row(const scalar_t* p_w, const bool* p_m, int64_t W, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (p_m == nullptr) return p_w;
+  }
+  if (p_m == nullptr) {
+#pragma omp simd
+    for (int64_t x = 0; x < W; ++x) buf[x] = static_cast<acc_t>(p_w[x]);
+  } else {
+#pragma omp simd
+    for (int64_t x = 0; x < W; ++x) buf[x] = static_cast<acc_t>(p_w[x]) * static_cast<acc_t>(p_m[x]);
+  }
+  return buf;
+}
+
+// ---- the three row passes ----
+//
+// Rows go in blocks: the weight rows of a block (K·R·W values, sized to stay
+// in L2) are read from memory once and reused for every (b, c), while the
+// state rows of one (b, c) are walked in order, so neighbouring output rows
+// find their shared input rows in cache.
+
+template <typename acc_t>
+int64_t block_rows(const Lattice& L) {
+  const int64_t per_row = std::max<int64_t>(1, L.K * L.W * int64_t(sizeof(acc_t)));
+  return std::max<int64_t>(1, (192 << 10) / per_row);
+}
+
+// For every row and (b, c): acc = Σ_k m·w·s[nbr]; then epi(bc, row, acc).
+// transposed = true gathers at -o_k instead, with the weight of the source
+// cell: acc = Σ_k (m·w)[k, j-o_k]·s[j-o_k].
+template <bool transposed, typename scalar_t, typename s_t, typename Epilogue>
+void gather_pass(const Lattice& L, const s_t* p_s, const scalar_t* p_w, const bool* p_m, Epilogue epi) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t K = L.K, W = L.W, N = L.N;
+  const int64_t R = block_rows<acc_t>(L);
+  const int64_t sign = transposed ? -1 : 1;
+  at::parallel_for(0, L.D * L.H, row_grain(L), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> wbuf(R * K * W), acc(W);
+    std::vector<const acc_t*> wrow(R * K);
+    std::vector<int64_t> nrow(R * K), nts(R);
+    std::vector<Term<acc_t>> terms(R * K);
+    std::vector<const acc_t*> pa(K), pb(K);
+    RowSource<s_t> src(p_s, N, W, K);
+    for (int64_t rb = r0; rb < r1; rb += R) {
+      const int64_t re = std::min(r1, rb + R);
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t z = row / L.H, y = row % L.H, j = row - rb;
+        int64_t nt = 0;  // the offsets whose neighbour row exists
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t nr = nbr_row(z, y, sign * L.dz[k], sign * L.dy[k], L.D, L.H, L.pz, L.py);
+          if (nr < 0) continue;
+          const int64_t off = k * N + (transposed ? nr : row) * W;
+          const int64_t t = j * K + nt++;
+          wrow[t] = weight_row(p_w + off, p_m ? p_m + off : nullptr, W, wbuf.data() + t * W);
+          nrow[t] = nr;
+          terms[t] = {nullptr, nullptr, transposed ? -L.dx[k] : 0, sign * L.dx[k]};
+        }
+        nts[j] = nt;
+      }
+      for (int64_t bc = 0; bc < L.BC; ++bc) {
+        for (int64_t row = rb; row < re; ++row) {
+          const int64_t j = row - rb;
+          Term<acc_t>* tj = terms.data() + j * K;
+          src.clear();
+          for (int64_t t = 0; t < nts[j]; ++t) {
+            tj[t].a = wrow[j * K + t];
+            tj[t].b = src.row(bc, nrow[j * K + t]);
+          }
+          row_dot<false>(acc.data(), tj, nts[j], W, L.reach_x, L.px, pa.data(), pb.data());
+          epi(bc, row, acc.data());
+        }
+      }
+    }
+  });
+}
+
+// dw[k, row] = m · Σ_bc g[bc, row]·s[bc, nbr(row, k)], 0 where the neighbour does not exist.
+template <typename g_t, typename scalar_t, typename out_t>
+void weight_grad_pass(const Lattice& L, const g_t* p_g, const scalar_t* p_s, const bool* p_m, out_t* p_dw) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t K = L.K, W = L.W, N = L.N, BC = L.BC;
+  const int64_t R = block_rows<acc_t>(L);
+  at::parallel_for(0, L.D * L.H, row_grain(L), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> dwacc(R * K * W);
+    std::vector<int64_t> nrow(R * K);
+    Term<acc_t> term;
+    const acc_t* pa[1];
+    const acc_t* pb[1];
+    RowSource<g_t> g_src(p_g, N, W, 1);
+    RowSource<scalar_t> s_src(p_s, N, W, K);
+    for (int64_t rb = r0; rb < r1; rb += R) {
+      const int64_t re = std::min(r1, rb + R);
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t z = row / L.H, y = row % L.H;
+        for (int64_t k = 0; k < K; ++k) {
+          nrow[(row - rb) * K + k] = nbr_row(z, y, L.dz[k], L.dy[k], L.D, L.H, L.pz, L.py);
+        }
+      }
+      for (int64_t bc = 0; bc < BC; ++bc) {
+        for (int64_t row = rb; row < re; ++row) {
+          g_src.clear();
+          s_src.clear();
+          const acc_t* p_gr = g_src.row(bc, row);
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t nr = nrow[(row - rb) * K + k];
+            if (nr < 0) continue;
+            term = {p_gr, s_src.row(bc, nr), 0, L.dx[k]};
+            acc_t* p_acc = dwacc.data() + ((row - rb) * K + k) * W;
+            if (bc == 0) {
+              row_dot<false>(p_acc, &term, 1, W, L.reach_x, L.px, pa, pb);
+            } else {
+              row_dot<true>(p_acc, &term, 1, W, L.reach_x, L.px, pa, pb);
+            }
+          }
+        }
+      }
+      for (int64_t row = rb; row < re; ++row) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t off = k * N + row * W;
+          out_t* p_o = p_dw + off;
+          const acc_t* p_a = dwacc.data() + ((row - rb) * K + k) * W;
+          if (nrow[(row - rb) * K + k] < 0 || BC == 0) {
+            std::fill(p_o, p_o + W, out_t(0));
+          } else if (p_m != nullptr) {
+            const bool* p_mr = p_m + off;
+#pragma omp simd
+            for (int64_t x = 0; x < W; ++x) p_o[x] = static_cast<out_t>(p_mr[x] ? p_a[x] : acc_t(0));
+          } else {
+#pragma omp simd
+            for (int64_t x = 0; x < W; ++x) p_o[x] = static_cast<out_t>(p_a[x]);
+          }
+        }
+      }
+    }
+  });
+}
+
+const bool* mask_ptr(const std::optional<at::Tensor>& mask) {
+  return (mask.has_value() && mask->defined()) ? mask->data_ptr<bool>() : nullptr;
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+
+// ---- the ops, per dtype ----
+
+template <typename scalar_t>
+void aggregate_forward_impl(const Lattice& L, const at::Tensor& s, const at::Tensor& w, const bool* p_m,
+                            at::Tensor& a) {
+  using acc_t = acc_type<scalar_t>;
+  scalar_t* p_a = a.data_ptr<scalar_t>();
+  const int64_t W = L.W, N = L.N;
+  gather_pass<false, scalar_t, scalar_t>(L, s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), p_m,
+                        [&](int64_t bc, int64_t row, const acc_t* acc) {
+                          scalar_t* p_o = p_a + bc * N + row * W;
+#pragma omp simd
+                          for (int64_t x = 0; x < W; ++x) p_o[x] = static_cast<scalar_t>(acc[x]);
+                        });
+}
+
+template <typename scalar_t>
+void aggregate_transposed_impl(const Lattice& L, const at::Tensor& g, const at::Tensor& w, const bool* p_m,
+                               at::Tensor& ds) {
+  using acc_t = acc_type<scalar_t>;
+  scalar_t* p_ds = ds.data_ptr<scalar_t>();
+  const int64_t W = L.W, N = L.N;
+  gather_pass<true, scalar_t, scalar_t>(L, g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), p_m,
+                                      [&](int64_t bc, int64_t row, const acc_t* acc) {
+                                        scalar_t* p_o = p_ds + bc * N + row * W;
+#pragma omp simd
+                                        for (int64_t x = 0; x < W; ++x) p_o[x] = static_cast<scalar_t>(acc[x]);
+                                      });
+}
+
+// u = Σ_k m·w·s[nbr] + x + bias;  out = (1-α)·s + α·φ(u)
+template <typename scalar_t, int64_t ACT>
+void propagate_forward_impl(const Lattice& L, const scalar_t* p_s, const scalar_t* p_w, const bool* p_m,
+                            const scalar_t* p_x, const scalar_t* p_bias, double leak, scalar_t* p_out,
+                            acc_type<scalar_t>* p_u) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t alpha = static_cast<acc_t>(leak), keep = static_cast<acc_t>(1.0 - leak);
+  const int64_t W = L.W, N = L.N, C = L.C;
+  gather_pass<false, scalar_t, scalar_t>(L, p_s, p_w, p_m, [&](int64_t bc, int64_t row, acc_t* acc) {
+    const int64_t base = bc * N + row * W;
+    if (p_x != nullptr) {
+      const scalar_t* p_xr = p_x + base;
+#pragma omp simd
+      for (int64_t i = 0; i < W; ++i) acc[i] += static_cast<acc_t>(p_xr[i]);
+    }
+    if (p_bias != nullptr) {
+      const scalar_t* p_br = p_bias + (bc % C) * N + row * W;
+#pragma omp simd
+      for (int64_t i = 0; i < W; ++i) acc[i] += static_cast<acc_t>(p_br[i]);
+    }
+    if (p_u != nullptr) std::copy(acc, acc + W, p_u + base);
+    const scalar_t* p_sr = p_s + base;
+    scalar_t* p_o = p_out + base;
+#pragma omp simd
+    for (int64_t i = 0; i < W; ++i) {
+      p_o[i] = static_cast<scalar_t>(keep * static_cast<acc_t>(p_sr[i]) + alpha * act_fn<ACT>(acc[i]));
+    }
+  });
+}
+
+// du = g·α·φ'(u);  ds = (1-α)·g + Σ_k m·w·du at -o_k;  dw = m·Σ_{b,c} du·s[nbr]
+template <typename scalar_t, int64_t ACT>
+void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar_t* p_s, const scalar_t* p_w,
+                             const bool* p_m, const acc_type<scalar_t>* p_u, double leak,
+                             acc_type<scalar_t>* p_du, scalar_t* p_ds, scalar_t* p_dw) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t alpha = static_cast<acc_t>(leak), keep = static_cast<acc_t>(1.0 - leak);
+  const int64_t W = L.W, N = L.N;
+  at::parallel_for(0, L.BC * N, 32768, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) p_du[i] = static_cast<acc_t>(p_g[i]) * alpha * act_grad<ACT>(p_u[i]);
+  });
+  if (p_ds != nullptr) {
+    gather_pass<true, scalar_t, acc_t>(L, p_du, p_w, p_m, [&](int64_t bc, int64_t row, const acc_t* acc) {
+      const int64_t base = bc * N + row * W;
+      const scalar_t* p_gr = p_g + base;
+      scalar_t* p_o = p_ds + base;
+#pragma omp simd
+      for (int64_t i = 0; i < W; ++i) p_o[i] = static_cast<scalar_t>(keep * static_cast<acc_t>(p_gr[i]) + acc[i]);
+    });
+  }
+  if (p_dw != nullptr) weight_grad_pass<acc_t, scalar_t, scalar_t>(L, p_du, p_s, p_m, p_dw);
+}
+
+}  // namespace
+
+at::Tensor aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+                             const at::Tensor& offsets, c10::List<bool> periodic) {
+  const Lattice L = make_lattice(s, offsets, periodic);
+  at::Tensor a = at::empty_like(s, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "aggregate_forward", [&] {
+    aggregate_forward_impl<scalar_t>(L, s, w, mask_ptr(mask), a);
+  });
+  return a;
+}
+
+at::Tensor aggregate_transposed(const at::Tensor& g, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+                                const at::Tensor& offsets, c10::List<bool> periodic) {
+  const Lattice L = make_lattice(g, offsets, periodic);
+  at::Tensor ds = at::empty_like(g, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aggregate_transposed", [&] {
+    aggregate_transposed_impl<scalar_t>(L, g, w, mask_ptr(mask), ds);
+  });
+  return ds;
+}
+
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& s, const std::optional<at::Tensor>& mask,
+                       const at::Tensor& offsets, c10::List<bool> periodic) {
+  const Lattice L = make_lattice(s, offsets, periodic);
+  at::Tensor dw = at::empty({L.K, L.D, L.H, L.W}, s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "weight_grad", [&] {
+    weight_grad_pass<scalar_t, scalar_t, scalar_t>(L, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                                                   mask_ptr(mask), dw.data_ptr<scalar_t>());
+  });
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> propagate_forward(const at::Tensor& s, const at::Tensor& w,
+                                                     const std::optional<at::Tensor>& mask,
+                                                     const std::optional<at::Tensor>& x,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& offsets, c10::List<bool> periodic,
+                                                     double leak, int64_t act, bool save_u) {
+  const Lattice L = make_lattice(s, offsets, periodic);
+  const auto u_opts = s.options().dtype(acc_scalar_type(s.scalar_type()));
+  at::Tensor out = at::empty_like(s, at::MemoryFormat::Contiguous);
+  at::Tensor u = save_u ? at::empty(s.sizes(), u_opts) : at::empty({0}, u_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "propagate_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    acc_t* p_u = save_u ? u.data_ptr<acc_t>() : nullptr;
+    dispatch_act(act, [&](auto ACT) {
+      propagate_forward_impl<scalar_t, decltype(ACT)::value>(
+          L, s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mask_ptr(mask), opt_ptr<scalar_t>(x),
+          opt_ptr<scalar_t>(bias), leak, out.data_ptr<scalar_t>(), p_u);
+    });
+  });
+  return {out, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
+    const at::Tensor& g, const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+    const at::Tensor& u, const at::Tensor& offsets, c10::List<bool> periodic, double leak, int64_t act,
+    bool need_s, bool need_w) {
+  const Lattice L = make_lattice(s, offsets, periodic);
+  TORCH_CHECK(u.scalar_type() == acc_scalar_type(s.scalar_type()), "cellkern_cpu: u must be ",
+              acc_scalar_type(s.scalar_type()), " for ", s.scalar_type(), " inputs, got ", u.scalar_type());
+  at::Tensor du = at::empty(s.sizes(), u.options());
+  at::Tensor ds = need_s ? at::empty_like(s, at::MemoryFormat::Contiguous) : at::empty({0}, s.options());
+  at::Tensor dw = need_w ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::empty({0}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "propagate_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    dispatch_act(act, [&](auto ACT) {
+      propagate_backward_impl<scalar_t, decltype(ACT)::value>(
+          L, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mask_ptr(mask),
+          u.data_ptr<acc_t>(), leak, du.data_ptr<acc_t>(), need_s ? ds.data_ptr<scalar_t>() : nullptr,
+          need_w ? dw.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {ds, dw, du};
+}
+
+}  // namespace cpu
+}  // namespace cellkern

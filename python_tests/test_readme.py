@@ -1,0 +1,20 @@
+"""The README's usage example runs and trains (gradients reach the lattice weights)."""
+import pathlib
+import re
+
+import torch
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_model_example_runs_and_backpropagates():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has a python example"
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    model = ns["LatticeClassifier"]()
+    img = torch.rand(3, 1, 16, 16)
+    logits = model(img)
+    assert logits.shape == (3, 10)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2, 3])).backward()
+    assert model.w.grad is not None and model.w.grad.abs().sum() > 0
