@@ -7,19 +7,33 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import backends
 from ..backends.reference import ACTIVATIONS
-from ..stencil import Geometry, parse_boundary
+from ..stencil import Geometry, Stencil, parse_boundary
 from ..stencil import stencil as make_stencil
 from . import validation as V
 
 __all__ = ["aggregate", "propagate", "propagate_steps"]
 
 
+_GEOMETRIES: dict = {}
+
+
 def _geometry(op: str, stencil, boundary) -> Geometry:
+    """The (cached) Geometry of a stencil and boundary: built and checked once
+    per distinct pair, so the per-call cost of small lattices stays low."""
+    key = None
+    if isinstance(stencil, (str, Stencil)) and isinstance(boundary, (str, tuple)):
+        key = (stencil, boundary)
+        geom = _GEOMETRIES.get(key)
+        if geom is not None:
+            return geom
     try:
         st = make_stencil(stencil)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{op}: {exc}") from None
-    return Geometry(st, parse_boundary(boundary, arg=f"{op}: boundary"))
+    geom = Geometry(st, parse_boundary(boundary, arg=f"{op}: boundary"))
+    if key is not None and len(_GEOMETRIES) < 256:
+        _GEOMETRIES[key] = geom
+    return geom
 
 
 class _Aggregate(torch.autograd.Function):
