@@ -92,11 +92,15 @@ def describe_machine(device: torch.device) -> dict:
     return info
 
 
-def machine_busy(info: dict) -> bool:
-    """True when other work already loads the CPUs (timings are then unreliable:
-    torch's OpenMP threads wait on one another when a core is taken)."""
+def machine_busy(info: dict, own_threads: int = 0) -> bool:
+    """True when other work loads the CPUs (timings are then unreliable:
+    torch's OpenMP threads wait on one another when a core is taken).
+
+    ``own_threads`` is the load this benchmark itself adds (its torch threads,
+    when checked at the end of a run): only load beyond it counts.
+    """
     load, cores = info.get("load_average_1min"), info.get("cpu_cores") or 1
-    return load is not None and load > 0.5 * cores
+    return load is not None and load - own_threads > 0.5 * cores
 
 
 def device_slug(info: dict) -> str:

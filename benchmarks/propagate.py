@@ -410,7 +410,8 @@ def main(argv=None) -> int:
     for i, note in enumerate(notes, 1):
         print(f"[{i}] {note}")
     end = info.get("load_average_1min_end")
-    if end is not None and H.machine_busy({**info, "load_average_1min": end}):
+    own = torch.get_num_threads() if device.type == "cpu" else 1
+    if end is not None and H.machine_busy({**info, "load_average_1min": end}, own_threads=own):
         print(f"WARNING  load average {end} on {info['cpu_cores']} cores at the end: other work shared the CPUs, "
               "timings are unreliable (medians on multiples of the 4 ms scheduler tick give it away)")
 
