@@ -9,6 +9,8 @@
 namespace cellkern {
 namespace cpu {
 
+void set_poison(bool on);
+at::Tensor new_output(c10::IntArrayRef size, c10::ScalarType dtype);
 at::Tensor aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
                              const at::Tensor& offsets, c10::List<bool> periodic);
 at::Tensor aggregate_transposed(const at::Tensor& g, const at::Tensor& w, const std::optional<at::Tensor>& mask,
@@ -30,6 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
 }  // namespace cellkern
 
 TORCH_LIBRARY(cellkern_cpu, m) {
+  m.def("set_poison(bool on) -> ()", &cellkern::cpu::set_poison);
+  m.def("new_output(int[] size, ScalarType dtype) -> Tensor", &cellkern::cpu::new_output);
   m.def("aggregate_forward(Tensor s, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");
   m.def("aggregate_transposed(Tensor g, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");
   m.def("weight_grad(Tensor g, Tensor s, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");

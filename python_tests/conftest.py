@@ -88,3 +88,12 @@ def no_backend_env(monkeypatch):
 
 def pytest_report_header(config):
     return f"cellkern backends: {backends.backend_status()}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _poison_outputs():
+    """Every kernel output starts as NaN (STYLE rule 8): an element a kernel
+    forgets to write fails the comparison instead of passing as a fresh 0."""
+    backends.poison_outputs(True)
+    yield
+    backends.poison_outputs(False)

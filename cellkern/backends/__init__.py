@@ -32,6 +32,31 @@ PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 
 _modules: dict = {}
 _reasons: dict = {}
+_poison = False
+
+
+def poison_outputs(enabled: bool) -> None:
+    """Fill every kernel output with NaN when it is allocated (a test aid:
+    an element a kernel forgets to write then fails the comparison with the
+    reference instead of passing as the 0 of fresh memory). Off by default;
+    the test suite turns it on."""
+    global _poison
+    _poison = bool(enabled)
+    cpu = _modules.get("cpu")
+    if cpu is not None:
+        cpu.set_poison(_poison)
+
+
+def outputs_poisoned() -> bool:
+    return _poison
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """The allocation of a backend's output: ``torch.empty``, NaN-filled when
+    :func:`poison_outputs` is on."""
+    if _poison:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def _triton_interpret() -> bool:
@@ -58,6 +83,8 @@ def _load(name: str):
             mod = importlib.import_module(".cuda", __name__)
         else:  # pragma: no cover - guarded by callers
             raise ValueError(name)
+        if name == "cpu" and _poison:
+            mod.set_poison(True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
         _reasons[name] = f"{type(exc).__name__}: {exc}"
         if name == "cpu":

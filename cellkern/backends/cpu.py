@@ -14,6 +14,11 @@ _ops = torch.ops.cellkern_cpu
 _ACT = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
 
 
+def set_poison(enabled: bool) -> None:
+    """NaN-fill the kernels' outputs at allocation (see backends.poison_outputs)."""
+    _ops.set_poison(bool(enabled))
+
+
 def _tab(geom: Geometry) -> torch.Tensor:
     return geom.offsets_on("cpu", torch.int64)
 

@@ -22,6 +22,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -451,8 +453,11 @@ void weight_grad_pass(const Lattice& L, const g_t* p_g, const scalar_t* p_s, con
 // of 50 ms. Only above glibc's largest mmap threshold (32 MiB): smaller
 // buffers are recycled by malloc without faults, and huge pages there cost
 // more than they save. Elsewhere (or with THP off) this is a plain at::empty.
+std::atomic<bool> g_poison{false};
+
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
+  if (g_poison.load(std::memory_order_relaxed)) return t.fill_(std::numeric_limits<double>::quiet_NaN());
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -560,6 +565,13 @@ void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar
 }
 
 }  // namespace
+
+// Test aid: NaN-fill every output at allocation, so an element a kernel
+// forgets to write fails the comparison with the reference.
+void set_poison(bool on) { g_poison.store(on); }
+
+// The kernels' allocation helper itself, so a test can see the poisoning.
+at::Tensor new_output(c10::IntArrayRef size, c10::ScalarType dtype) { return empty_output(size, at::TensorOptions().dtype(dtype)); }
 
 at::Tensor aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
                              const at::Tensor& offsets, c10::List<bool> periodic) {

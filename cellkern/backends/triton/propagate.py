@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import new_output
 from ..reference import accumulation_dtype
 from ...stencil import Geometry
 
@@ -356,8 +357,8 @@ def _gather_fwd(s, w, mask, x, bias, geom: Geometry, leak: float, act: int, epil
     B, C, D, H, W = s.shape
     BC = B * C
     acc_t = accumulation_dtype(s.dtype)
-    out = torch.empty_like(s)
-    u = torch.empty(s.shape, dtype=acc_t, device=s.device) if save_u else None
+    out = new_output(s.shape, s.dtype, s.device)
+    u = new_output(s.shape, acc_t, s.device) if save_u else None
     block_bc, block_x = _blocks(BC, W)
     grid = (D * H * triton.cdiv(BC, block_bc), triton.cdiv(W, block_x))
     m = _mask_u8(mask)
@@ -377,7 +378,7 @@ def _gather_bwd(g, w, mask, geom: Geometry, out_dtype, res=None, res_coef: float
     B, C, D, H, W = g.shape
     BC = B * C
     acc_t = accumulation_dtype(out_dtype)
-    out = torch.empty(g.shape, dtype=out_dtype, device=g.device)
+    out = new_output(g.shape, out_dtype, g.device)
     block_bc, block_x = _blocks(BC, W)
     grid = (D * H * triton.cdiv(BC, block_bc), triton.cdiv(W, block_x))
     m = _mask_u8(mask)
@@ -397,7 +398,7 @@ def _weight_grad(g, s, mask, geom: Geometry, w_dtype, u=None, leak: float = 1.0,
     B, C, D, H, W = s.shape
     K = geom.K
     acc_t = accumulation_dtype(s.dtype)
-    dw = torch.empty((K, D, H, W), dtype=w_dtype, device=s.device)
+    dw = new_output((K, D, H, W), w_dtype, s.device)
     k_pad = triton.next_power_of_2(K)
     if _INTERPRET:
         block_x = min(triton.next_power_of_2(W), 8)
@@ -448,7 +449,7 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
     stored only if ``ds`` or the caller needs it), else by one elementwise kernel.
     """
     act = _ACT[activation]
-    du = torch.empty(u.shape, dtype=u.dtype, device=u.device) if (need_s or need_u) else None
+    du = new_output(u.shape, u.dtype, u.device) if (need_s or need_u) else None
     ds = dw = None
     with _on(s):
         if need_w:
