@@ -11,7 +11,11 @@
 // state row) and sums them with row_dot: the interior cells (no wrap, no
 // bounds test) as SIMD blocks held in registers while the K terms stream
 // past, then the few edge cells (wrap or zero). Weight rows are read once
-// per block of rows and reused from cache for every (b, c).
+// per block of rows and reused from cache for every (b, c). With B·C > 1 the
+// (b, c) go in groups of 4 (8 for rows of one vector): each weight vector is
+// loaded once per group and FMA'd into every channel's accumulators
+// (row_dot_multi). Rows of at most one 64-byte vector run whole in registers
+// on AVX-512, edges included, as lane permutations (short_row).
 //
 // Precision: fp16/bf16 are converted on load, every sum is fp32 (fp64 for
 // fp64 inputs), results are cast back to the input dtype.
@@ -20,6 +24,9 @@
 #include <ATen/Parallel.h>
 
 #include <sys/mman.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -268,6 +275,181 @@ void row_dot(T* __restrict out, const Term<T>* terms, int64_t nt, int64_t W, int
   edge(e2, W);
 }
 
+// Rows no longer than one 64-byte vector (W ≤ 16 floats / 8 doubles), with
+// AVX-512: each row is one masked register load and every shifted read a lane
+// permutation (wrapped, or zeroed past a zero boundary), so the whole row,
+// edges included, runs in registers. Returns false (caller takes the generic
+// path) where it does not apply.
+#if defined(__AVX512F__)
+template <typename T>
+struct Short;
+template <>
+struct Short<float> {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t L = 16;
+  static V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512i index(const int64_t* ix) {
+    alignas(64) int32_t i32[16];
+    for (int l = 0; l < 16; ++l) i32[l] = static_cast<int32_t>(ix[l]);
+    return _mm512_load_si512(i32);
+  }
+  static V perm(__m512i ix, V v, M m) { return _mm512_maskz_permutexvar_ps(m, ix, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+template <>
+struct Short<double> {
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int64_t L = 8;
+  static V load(const double* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
+  static __m512i index(const int64_t* ix) { return _mm512_loadu_si512(ix); }
+  static V perm(__m512i ix, V v, M m) { return _mm512_maskz_permutexvar_pd(m, ix, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V zero() { return _mm512_setzero_pd(); }
+  static void store(double* p, M m, V v) { _mm512_mask_storeu_pd(p, m, v); }
+};
+
+template <int NB, typename T>
+inline bool short_row(T* __restrict out, int64_t ostride, const Term<T>* terms, int64_t nt, int64_t W,
+                      int64_t reach, bool periodic) {
+  using S = Short<T>;
+  using V = typename S::V;
+  using M = typename S::M;
+  constexpr int64_t L = S::L;
+  constexpr int64_t kMaxReach = 7;
+  if (W > L || reach > kMaxReach) return false;
+  // per shift d in [-reach, reach]: lane x reads x + d (wrapped), valid mask
+  alignas(64) int64_t idx[2 * kMaxReach + 1][L];
+  M valid[2 * kMaxReach + 1];
+  for (int64_t d = -reach; d <= reach; ++d) {
+    uint32_t m = 0;
+    for (int64_t x = 0; x < L; ++x) {
+      int64_t xs = x + d;
+      bool ok = x < W;
+      if (periodic) {
+        xs = wrap(xs, W);
+      } else {
+        ok = ok && inside(xs, W);
+      }
+      idx[d + reach][x] = ok ? xs : 0;
+      if (ok) m |= uint32_t(1) << x;
+    }
+    valid[d + reach] = static_cast<M>(m);
+  }
+  // the index vectors as registers, once per shift
+  __m512i iv[2 * kMaxReach + 1];
+  for (int64_t d = 0; d <= 2 * reach; ++d) iv[d] = S::index(idx[d]);
+  const M wm = static_cast<M>((uint32_t(1) << W) - 1);
+  V acc[NB];
+  for (int c = 0; c < NB; ++c) acc[c] = S::zero();
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t sa = terms[t].da + reach, sb = terms[t].db + reach;
+    const M m = static_cast<M>(valid[sa] & valid[sb]);
+    const V a = S::perm(iv[sa], S::load(terms[t].a, wm), m);
+    for (int c = 0; c < NB; ++c) {
+      acc[c] = S::fma(a, S::perm(iv[sb], S::load(terms[c * nt + t].b, wm), m), acc[c]);
+    }
+  }
+  for (int c = 0; c < NB; ++c) S::store(out + c * ostride, wm, acc[c]);
+  return true;
+}
+#else
+template <int NB, typename T>
+inline bool short_row(T*, int64_t, const Term<T>*, int64_t, int64_t, int64_t, bool) {
+  return false;
+}
+#endif
+
+// NB channels at once: out_c[x] = Σ_t a_t[x]·b_{c,t}[x] for c < NB, each weight
+// vector loaded once and used for NB FMAs. pb holds NB groups of nt pointers.
+template <int NB, int U, typename T>
+inline void dot_block_multi(T* __restrict out, int64_t ostride, const T* const* pa, const T* const* pb, int64_t nt,
+                            int64_t x0) {
+  using V = typename Simd<T>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  V r[NB][U];
+  for (int c = 0; c < NB; ++c)
+    for (int u = 0; u < U; ++u) r[c][u] = V{};
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* p_a = pa[t] + x0;
+    for (int u = 0; u < U; ++u) {
+      const V va = load<V>(p_a + u * L);
+      for (int c = 0; c < NB; ++c) r[c][u] += va * load<V>(pb[c * nt + t] + x0 + u * L);
+    }
+  }
+  for (int c = 0; c < NB; ++c)
+    for (int u = 0; u < U; ++u) store(out + c * ostride + x0 + u * L, r[c][u]);
+}
+
+template <int NB, int U, typename T>
+inline int64_t dot_blocks_multi(T* out, int64_t ostride, const T* const* pa, const T* const* pb, int64_t nt,
+                                int64_t x0, int64_t x1) {
+  constexpr int64_t B = U * int64_t(sizeof(typename Simd<T>::type) / sizeof(T));
+  if (x1 - x0 < B) return x0;
+  int64_t x = x0;
+  for (; x + B <= x1; x += B) dot_block_multi<NB, U>(out, ostride, pa, pb, nt, x);
+  if (x == x1) return x;
+  dot_block_multi<NB, U>(out, ostride, pa, pb, nt, x1 - B);
+  return x1;
+}
+
+// row_dot (writing) for NB channels sharing the a side of every term:
+// terms holds NB groups of nt terms (group c for channel c, the same a/da in
+// every group); channel c's row goes to out + c·ostride.
+template <int NB, typename T>
+void row_dot_multi(T* __restrict out, int64_t ostride, const Term<T>* terms, int64_t nt, int64_t W, int64_t reach,
+                   bool periodic, const T** pa, const T** pb) {
+  if (short_row<NB>(out, ostride, terms, nt, W, reach, periodic)) return;
+  const int64_t e1 = std::min(reach, W);
+  const int64_t e2 = std::max(e1, W - reach);
+  if (e2 > e1) {
+    for (int64_t t = 0; t < nt; ++t) pa[t] = terms[t].a + (e1 + terms[t].da);
+    for (int64_t t = 0; t < NB * nt; ++t) pb[t] = terms[t].b + (e1 + terms[t].db);
+    T* o = out + e1;
+    const int64_t n = e2 - e1;
+    int64_t x = 0;
+    if constexpr (NB <= 4) x = dot_blocks_multi<NB, 4>(o, ostride, pa, pb, nt, x, n);
+    if (x < n) x = dot_blocks_multi<NB, 2>(o, ostride, pa, pb, nt, x, n);
+    if (x < n) x = dot_blocks_multi<NB, 1>(o, ostride, pa, pb, nt, x, n);
+    if (x < n) {
+      for (int c = 0; c < NB; ++c) std::fill(o + c * ostride + x, o + c * ostride + n, T(0));
+      for (int64_t t = 0; t < nt; ++t) {
+        const T* __restrict p_a = pa[t];
+        for (int c = 0; c < NB; ++c) {
+          const T* __restrict p_b = pb[c * nt + t];
+          T* __restrict oc = o + c * ostride;
+#pragma omp simd
+          for (int64_t xx = x; xx < n; ++xx) oc[xx] += p_a[xx] * p_b[xx];
+        }
+      }
+    }
+  }
+  const bool near = reach < W;
+  auto edge = [&](int64_t x0, int64_t x1) {
+    for (int64_t xe = x0; xe < x1; ++xe) {
+      T r[NB];
+      for (int c = 0; c < NB; ++c) r[c] = T(0);
+      for (int64_t t = 0; t < nt; ++t) {
+        int64_t xa = xe + terms[t].da, xb = xe + terms[t].db;
+        if (periodic) {
+          xa = near ? wrap_once(xa, W) : wrap(xa, W);
+          xb = near ? wrap_once(xb, W) : wrap(xb, W);
+        } else if (!inside(xa, W) || !inside(xb, W)) {
+          continue;
+        }
+        const T va = terms[t].a[xa];
+        for (int c = 0; c < NB; ++c) r[c] += va * terms[c * nt + t].b[xb];
+      }
+      for (int c = 0; c < NB; ++c) out[c * ostride + xe] = r[c];
+    }
+  };
+  edge(0, e1);
+  edge(e2, W);
+}
+
 // Rows of a [BC, D, H, W] tensor in the accumulation type: the tensor's own
 // rows when it already has that type, else copies converted on first use
 // (fp16/bf16), valid until clear().
@@ -346,13 +528,42 @@ void gather_pass(const Lattice& L, const s_t* p_s, const scalar_t* p_w, const bo
   const int64_t K = L.K, W = L.W, N = L.N;
   const int64_t R = block_rows<acc_t>(L);
   const int64_t sign = transposed ? -1 : 1;
+  constexpr int kNB = 8;
+#if defined(__AVX512F__)
+  const bool short_rows = W * int64_t(sizeof(acc_t)) <= 64 && L.reach_x <= 7;
+#else
+  const bool short_rows = false;
+#endif
   at::parallel_for(0, L.D * L.H, row_grain(L), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> wbuf(R * K * W), acc(W);
     std::vector<const acc_t*> wrow(R * K);
     std::vector<int64_t> nrow(R * K), nts(R);
     std::vector<Term<acc_t>> terms(R * K);
-    std::vector<const acc_t*> pa(K), pb(K);
-    RowSource<s_t> src(p_s, N, W, K);
+    std::vector<const acc_t*> pa(K), pb(kNB * K);
+    std::vector<Term<acc_t>> mterms(kNB * K);
+    std::vector<acc_t> macc(kNB * W);
+    std::vector<RowSource<s_t>> srcs;
+    for (int c = 0; c < kNB; ++c) srcs.emplace_back(p_s, N, W, K);
+    RowSource<s_t>& src = srcs[0];
+    // NB channels per pass over a row's terms: each weight vector is loaded
+    // once for NB FMAs
+    auto run_multi = [&](auto NBc, int64_t bc0, int64_t rb, int64_t re) {
+      constexpr int NB = decltype(NBc)::value;
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t j = row - rb, nt = nts[j];
+        for (int c = 0; c < NB; ++c) {
+          srcs[c].clear();
+          for (int64_t t = 0; t < nt; ++t) {
+            Term<acc_t>& tm = mterms[c * nt + t];
+            tm = terms[j * K + t];
+            tm.a = wrow[j * K + t];
+            tm.b = srcs[c].row(bc0 + c, nrow[j * K + t]);
+          }
+        }
+        row_dot_multi<NB>(macc.data(), W, mterms.data(), nt, W, L.reach_x, L.px, pa.data(), pb.data());
+        for (int c = 0; c < NB; ++c) epi(bc0 + c, row, macc.data() + c * W);
+      }
+    };
     for (int64_t rb = r0; rb < r1; rb += R) {
       const int64_t re = std::min(r1, rb + R);
       for (int64_t row = rb; row < re; ++row) {
@@ -369,7 +580,17 @@ void gather_pass(const Lattice& L, const s_t* p_s, const scalar_t* p_w, const bo
         }
         nts[j] = nt;
       }
-      for (int64_t bc = 0; bc < L.BC; ++bc) {
+      int64_t bc = 0;
+      if (L.BC > 1) {
+        // rows in one register (short_row) take 8 channels at a time; longer
+        // rows 4 (8 spills the accumulators and streams too many rows)
+        if (short_rows) {
+          for (; bc + 8 <= L.BC; bc += 8) run_multi(std::integral_constant<int, 8>{}, bc, rb, re);
+        }
+        for (; bc + 4 <= L.BC; bc += 4) run_multi(std::integral_constant<int, 4>{}, bc, rb, re);
+        for (; bc + 2 <= L.BC; bc += 2) run_multi(std::integral_constant<int, 2>{}, bc, rb, re);
+      }
+      for (; bc < L.BC; ++bc) {
         for (int64_t row = rb; row < re; ++row) {
           const int64_t j = row - rb;
           Term<acc_t>* tj = terms.data() + j * K;
@@ -378,7 +599,9 @@ void gather_pass(const Lattice& L, const s_t* p_s, const scalar_t* p_w, const bo
             tj[t].a = wrow[j * K + t];
             tj[t].b = src.row(bc, nrow[j * K + t]);
           }
-          row_dot<false>(acc.data(), tj, nts[j], W, L.reach_x, L.px, pa.data(), pb.data());
+          if (!short_row<1>(acc.data(), W, tj, nts[j], W, L.reach_x, L.px)) {
+            row_dot<false>(acc.data(), tj, nts[j], W, L.reach_x, L.px, pa.data(), pb.data());
+          }
           epi(bc, row, acc.data());
         }
       }
