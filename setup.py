@@ -95,7 +95,11 @@ def extensions():
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     # No -std here: BuildExtension adds the standard this torch's headers need
     # (C++17 up to torch 2.9, C++20 after); the sources themselves are C++17.
-    cxx_flags = ["-O3", "-fopenmp"] + _native_flags()
+    # -fno-wrapv undoes the -fwrapv that Python's own CFLAGS bring along: with
+    # wrapping signed arithmetic GCC cannot prove index loops free of overflow
+    # and can emit much slower code (a standalone 128³ moore gather loop: 14.8
+    # ms with -fwrapv, 5.6 ms without). The kernels never rely on signed wrap.
+    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp"] + _native_flags()
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     kwargs = dict(
         name="cellkern._C",
