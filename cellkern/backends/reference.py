@@ -62,15 +62,18 @@ def _effective_weight(w: torch.Tensor, mask, k: int, valid: torch.Tensor, acc) -
     return wk
 
 
-def aggregate_forward(s, w, mask, geom: Geometry):
-    """``a[b,c,i] = Σ_k m[k,i] · w[k,i] · s[b,c,nbr(i,k)]``."""
-    acc = accumulation_dtype(s.dtype)
-    sa = s.to(acc)
-    a = torch.zeros(s.shape, dtype=acc, device=s.device)
+def _stencil_sum(sa, w, mask, geom: Geometry):
+    """``Σ_k m[k,i] · w[k,i] · sa[b,c,nbr(i,k)]`` in the dtype of ``sa``."""
+    a = torch.zeros(sa.shape, dtype=sa.dtype, device=sa.device)
     for k, o in enumerate(geom.offsets):
         s_nbr, valid = shift(sa, o, geom.periodic)
-        a = a + _effective_weight(w, mask, k, valid, acc) * s_nbr
-    return a.to(s.dtype)
+        a = a + _effective_weight(w, mask, k, valid, sa.dtype) * s_nbr
+    return a
+
+
+def aggregate_forward(s, w, mask, geom: Geometry):
+    """``a[b,c,i] = Σ_k m[k,i] · w[k,i] · s[b,c,nbr(i,k)]``."""
+    return _stencil_sum(s.to(accumulation_dtype(s.dtype)), w, mask, geom).to(s.dtype)
 
 
 def aggregate_transposed(g, w, mask, geom: Geometry):
@@ -147,10 +150,7 @@ def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activati
     """
     acc = accumulation_dtype(s.dtype)
     sa = s.to(acc)
-    u = torch.zeros(s.shape, dtype=acc, device=s.device)
-    for k, o in enumerate(geom.offsets):
-        s_nbr, valid = shift(sa, o, geom.periodic)
-        u = u + _effective_weight(w, mask, k, valid, acc) * s_nbr
+    u = _stencil_sum(sa, w, mask, geom)
     if x is not None:
         u = u + x.to(acc)
     if bias is not None:

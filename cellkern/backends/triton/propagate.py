@@ -76,6 +76,26 @@ def _neighbour(pos, d, n, PERIODIC: tl.constexpr):
 
 
 @triton.jit
+def _gather_tile(BC, D, H, W, BLOCK_BC: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's tile of a state gather: axis 0 is ``row × bc-block``
+    (the bc-blocks of a row side by side), axis 1 the x-block. Returns the row,
+    its (z, y), the bc and x index vectors with their masks, N = D·H·W and the
+    int64 channel offsets ``bc·N``."""
+    n_bcb = tl.cdiv(BC, BLOCK_BC)
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_bcb
+    z = row // H
+    y = row % H
+    bc = (pid % n_bcb) * BLOCK_BC + tl.arange(0, BLOCK_BC).to(tl.int64)
+    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+    m_bc = bc < BC
+    m_x = x < W
+    N = tl.cast(D, tl.int64) * H * W
+    p_bc = bc[:, None] * N
+    return row, z, y, bc, x, m_bc, m_x, N, p_bc
+
+
+@triton.jit
 def _tanh(u):
     """tanh without libdevice: ``sign(u)·(1-e)/(1+e)``, ``e = exp(-2|u|)``
     (no overflow for large |u|), a short series near 0 against cancellation."""
@@ -184,17 +204,7 @@ def _gather_fwd_kernel(
     EPILOGUE 0 stores ``a``; EPILOGUE 1 stores ``s' = (1-α)·s + α·φ(u)`` with
     ``u = a + x + bias`` (and ``u`` itself when SAVE_U).
     """
-    n_bcb = tl.cdiv(BC, BLOCK_BC)
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_bcb
-    z = row // H
-    y = row % H
-    bc = (pid % n_bcb) * BLOCK_BC + tl.arange(0, BLOCK_BC).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_bc = bc < BC
-    m_x = x < W
-    N = tl.cast(D, tl.int64) * H * W
-    p_bc = bc[:, None] * N
+    row, z, y, bc, x, m_bc, m_x, N, p_bc = _gather_tile(BC, D, H, W, BLOCK_BC, BLOCK_X)
 
     b_acc = _stencil_gather(
         p_s, p_w, p_mask, p_off, p_bc, m_bc, row, z, y, x, m_x, N, D, H, W, K,
@@ -234,17 +244,7 @@ def _gather_bwd_kernel(
 
     The residual term serves propagate (``r = 1-α``, ``res = g``).
     """
-    n_bcb = tl.cdiv(BC, BLOCK_BC)
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_bcb
-    z = row // H
-    y = row % H
-    bc = (pid % n_bcb) * BLOCK_BC + tl.arange(0, BLOCK_BC).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_bc = bc < BC
-    m_x = x < W
-    N = tl.cast(D, tl.int64) * H * W
-    p_bc = bc[:, None] * N
+    row, z, y, bc, x, m_bc, m_x, N, p_bc = _gather_tile(BC, D, H, W, BLOCK_BC, BLOCK_X)
 
     b_acc = _stencil_gather(
         p_g, p_w, p_mask, p_off, p_bc, m_bc, row, z, y, x, m_x, N, D, H, W, K,
