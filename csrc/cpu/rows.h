@@ -49,6 +49,21 @@ inline void store(T* p, const V& v) {
 }
 
 // One product term of a row sum: a[x + da] · b[x + db].
+// Where a term reads at an edge cell xe: a = x + da, b = x + db, wrapped
+// along a periodic x axis (one compare when `near`, i.e. every shift is
+// shorter than the row). False when either leaves a zero boundary.
+inline bool edge_indices(int64_t xe, int64_t da, int64_t db, int64_t W, bool periodic, bool near, int64_t* xa,
+                         int64_t* xb) {
+  *xa = xe + da;
+  *xb = xe + db;
+  if (periodic) {
+    *xa = near ? wrap_once(*xa, W) : wrap(*xa, W);
+    *xb = near ? wrap_once(*xb, W) : wrap(*xb, W);
+    return true;
+  }
+  return inside(*xa, W) && inside(*xb, W);
+}
+
 template <typename T>
 struct Term {
   const T* a;
@@ -126,13 +141,8 @@ void row_dot(T* __restrict out, const Term<T>* terms, int64_t nt, int64_t W, int
     for (int64_t xe = x0; xe < x1; ++xe) {
       T r = accumulate ? out[xe] : T(0);
       for (int64_t t = 0; t < nt; ++t) {
-        int64_t xa = xe + terms[t].da, xb = xe + terms[t].db;
-        if (periodic) {
-          xa = near ? wrap_once(xa, W) : wrap(xa, W);
-          xb = near ? wrap_once(xb, W) : wrap(xb, W);
-        } else if (!inside(xa, W) || !inside(xb, W)) {
-          continue;
-        }
+        int64_t xa, xb;
+        if (!edge_indices(xe, terms[t].da, terms[t].db, W, periodic, near, &xa, &xb)) continue;
         r += terms[t].a[xa] * terms[t].b[xb];
       }
       out[xe] = r;
@@ -300,13 +310,8 @@ void row_dot_multi(T* __restrict out, int64_t ostride, const Term<T>* terms, int
       T r[NB];
       for (int c = 0; c < NB; ++c) r[c] = T(0);
       for (int64_t t = 0; t < nt; ++t) {
-        int64_t xa = xe + terms[t].da, xb = xe + terms[t].db;
-        if (periodic) {
-          xa = near ? wrap_once(xa, W) : wrap(xa, W);
-          xb = near ? wrap_once(xb, W) : wrap(xb, W);
-        } else if (!inside(xa, W) || !inside(xb, W)) {
-          continue;
-        }
+        int64_t xa, xb;
+        if (!edge_indices(xe, terms[t].da, terms[t].db, W, periodic, near, &xa, &xb)) continue;
         const T va = terms[t].a[xa];
         for (int c = 0; c < NB; ++c) r[c] += va * terms[c * nt + t].b[xb];
       }
