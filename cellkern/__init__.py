@@ -1,6 +1,7 @@
 """cellkern: fused kernels for 3-D cellular neural networks."""
 from . import ops
 from .backends import available_backends, backend_status
+from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
 
 __version__ = "0.1.0"
@@ -14,5 +15,10 @@ __all__ = [
     "Stencil",
     "Geometry",
     "parse_boundary",
+    "STDP",
+    "BCM",
+    "Competition",
+    "PlasticityRule",
+    "PlasticityState",
     "__version__",
 ]

@@ -13,6 +13,21 @@ or None):
 
 ``u`` (the pre-activation) and ``du`` are float32 (float64 for float64 input).
 
+and the plasticity family (SPEC §3–§4, no autograd; ``y`` ``[B, D, H, W]``):
+
+- ``lateral_inhibition(y, beta, geom) -> y'`` (dtype of ``y``)
+- ``local_winners(y, threshold, geom) -> win`` (bool ``[B, D, H, W]``)
+- ``plasticity_(w, mask, geom, p, y, spikes, x_pre, x_post, theta, gate, lr) -> None``:
+  the fused step of :func:`cellkern.backends.reference.plasticity_`, in place on
+  ``w``, ``x_pre``, ``x_post`` and ``theta``. ``p`` is a
+  :class:`cellkern.rules.PlasticityParams`. ``w`` any float dtype; the per-cell
+  tensors share one float dtype (the state dtype), any of them None where ``p``
+  does not use it (``y`` None only when ``p.bcm`` and ``p.competition`` are
+  off and ``spikes`` is given); ``spikes``/``gate`` ``[B, D, H, W]``, ``lr``
+  ``[D, H, W]``, ``theta`` ``[D, H, W]``.
+- ``heterosynaptic_normalize_(w, mask, geom, target, where) -> None``: ``target``
+  ``[D, H, W]`` fp32 (fp64 for fp64 ``w``), ``where`` bool ``[D, H, W]`` or None.
+
 ``backend=None`` picks the fastest backend that can take the tensors' device
 (:data:`PREFERENCE`); ``CELLKERN_BACKEND`` in the environment or an explicit
 ``backend=`` forces one.

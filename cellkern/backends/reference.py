@@ -175,3 +175,139 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
     if need_w:
         dw = weight_grad(du, s, mask, geom, w.dtype)
     return ds, dw, (du if need_u else None)
+
+
+# ---- plasticity (SPEC §3–§4): in place on w, no autograd ----
+#
+# One function, plasticity_, is the whole fused step of SPEC §4 written as the
+# sequence the SPEC gives; the separate rules (stdp_, bcm_) are that function
+# with the other parts switched off (see cellkern.ops.plasticity).
+
+
+def _plasticity_dtype(w, state):
+    """fp64 when weights or state are fp64, else fp32."""
+    return torch.float64 if torch.float64 in (w.dtype, state) else torch.float32
+
+
+def live_synapses(mask, geom: Geometry, dims, device) -> torch.Tensor:
+    """Bool ``[K, D, H, W]``: the synapses that may change (not pruned, and
+    their neighbour inside the lattice)."""
+    live = torch.stack([in_lattice(dims, o, geom.periodic, device) for o in geom.offsets])
+    return live if mask is None else live & mask
+
+
+def _neighbour_mean(y, geom: Geometry):
+    """``mean_k y[b, nbr(i,k)]`` (0 for neighbours outside a zero boundary)."""
+    total = torch.zeros_like(y)
+    for o in geom.offsets:
+        total = total + shift(y, o, geom.periodic)[0]
+    return total / geom.K
+
+
+def lateral_inhibition(y, beta: float, geom: Geometry):
+    """``y'[b,i] = relu(y[b,i] − β·mean_k y[b,nbr(i,k)])`` in the dtype of ``y``."""
+    ya = y.to(accumulation_dtype(y.dtype))
+    return torch.relu(ya - beta * _neighbour_mean(ya, geom)).to(y.dtype)
+
+
+def local_winners(y, threshold: float, geom: Geometry):
+    """``win[b,i] = y[b,i] > θ_act and y[b,i] ≥ max_k y[b,nbr(i,k)]`` (bool)."""
+    ya = y.to(accumulation_dtype(y.dtype))
+    nmax = torch.stack([shift(ya, o, geom.periodic)[0] for o in geom.offsets]).amax(0)
+    return (ya > threshold) & (ya >= nmax)
+
+
+def _stdp_terms(wa, z, xp, xq, geom: Geometry, p):
+    """Per sample and synapse: ``A₊·F₊(w)·x_pre[b,nbr]·z[b,i] − A₋·F₋(w)·z[b,nbr]·x_post[b,i]``,
+    with η already in ``p.a_plus``/``p.a_minus``; ``[B, K, D, H, W]``."""
+    out = []
+    for k, o in enumerate(geom.offsets):
+        fp = (p.w_max - wa[k]) if p.multiplicative else 1.0
+        fm = (wa[k] - p.w_min) if p.multiplicative else 1.0
+        xp_nbr = shift(xp, o, geom.periodic)[0]
+        z_nbr = shift(z, o, geom.periodic)[0]
+        out.append(p.a_plus * fp * xp_nbr * z - p.a_minus * fm * z_nbr * xq)
+    return torch.stack(out, dim=1)
+
+
+def _bcm_terms(wa, yp, theta, geom: Geometry, p):
+    """Per sample and synapse: ``η·y[b,i]·(y[b,i] − θ[i])·y[b,nbr] − ε·w``; ``[B, K, D, H, W]``."""
+    post = yp * (yp - theta)
+    out = []
+    for k, o in enumerate(geom.offsets):
+        y_nbr = shift(yp, o, geom.periodic)[0]
+        out.append(p.bcm_lr * post * y_nbr - p.bcm_decay * wa[k])
+    return torch.stack(out, dim=1)
+
+
+def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gate, lr):
+    """The fused plasticity step of SPEC §4, in place on ``w``, the traces and θ.
+
+    In order: inhibition (y → y') → winners → spikes z = (y' > θ_act) (or the
+    given ``spikes``) → per-sample STDP + BCM terms on y' and z, summed →
+    gate (winners × ``gate``) → batch mean → × ``lr`` per cell → normalise
+    (Σ_k |w| of every cell with a winner back to its value before) → clamp
+    to [w_min, w_max] — all on live synapses only (not masked, neighbour
+    inside the lattice); then traces (decay, + z) and θ.
+    """
+    dims = tuple(w.shape[1:])
+    state_dtype = next(t.dtype for t in (y, spikes, x_pre, theta) if t is not None)
+    acc = _plasticity_dtype(w, state_dtype)
+    wa = w.to(acc)
+    yp = None
+    if y is not None:
+        yp = y.to(acc)
+        if p.competition:
+            yp = torch.relu(yp - p.beta * _neighbour_mean(yp, geom))
+    B = (yp if yp is not None else spikes).shape[0]
+    g = torch.ones((B,) + dims, dtype=acc, device=w.device)
+    if p.competition:
+        g = g * local_winners(yp, p.threshold, geom).to(acc)
+    if gate is not None:
+        g = g * gate.to(acc)
+    z = spikes.to(acc) if spikes is not None else (yp > p.threshold).to(acc)
+
+    terms = torch.zeros((B,) + tuple(w.shape), dtype=acc, device=w.device)
+    if p.stdp:
+        xp = x_pre.to(acc) * p.decay_pre  # decay first
+        xq = x_post.to(acc) * p.decay_post
+        terms = terms + _stdp_terms(wa, z, xp, xq, geom, p)
+    if p.bcm:
+        terms = terms + _bcm_terms(wa, yp, theta.to(acc), geom, p)
+    dw = (g.unsqueeze(1) * terms).mean(0)
+    if lr is not None:
+        dw = dw * lr.to(acc)
+
+    live = live_synapses(mask, geom, dims, w.device)
+    new = torch.where(live, wa + dw, wa)
+    if p.normalize:
+        updated = (g > 0).any(0)
+        before = (wa.abs() * live).sum(0)
+        after = (new.abs() * live).sum(0)
+        ok = updated & (after > 0)
+        scale = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
+        new = torch.where(live, new * scale, new)
+    new = torch.where(live, new.clamp(p.w_min, p.w_max), wa)
+    w.copy_(new)
+
+    if p.stdp:  # spikes are added after the pairing
+        x_pre.copy_(xp + z)
+        x_post.copy_(xq + z)
+    if p.bcm:  # θ moves after Δw
+        ta = theta.to(acc)
+        theta.copy_((ta + ((yp * yp).mean(0) - ta) / p.tau_theta).clamp(p.theta_min, p.theta_max))
+
+
+def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
+    """Scale the live synapses of each cell (where ``where``, default all) so
+    that ``Σ_k |w[k,i]| = target[i]``; cells whose live Σ|w| is 0 stay as they are."""
+    dims = tuple(w.shape[1:])
+    acc = _plasticity_dtype(w, target.dtype)
+    wa = w.to(acc)
+    live = live_synapses(mask, geom, dims, w.device)
+    total = (wa.abs() * live).sum(0)
+    ok = total > 0
+    if where is not None:
+        ok = ok & where
+    scale = torch.where(ok, target.to(acc) / torch.where(ok, total, torch.ones_like(total)), torch.ones_like(total))
+    w.copy_(torch.where(live, wa * scale, wa))

@@ -1,4 +1,10 @@
-"""Public functional ops. Each module: validation → dispatch → autograd.Function."""
+"""Public functional ops. Each module: validation → dispatch → kernel."""
+from .competition import activity, lateral_inhibition, local_winners
+from .plasticity import bcm_, heterosynaptic_normalize_, plasticity_step_, stdp_, synapse_l1
 from .propagate import aggregate, propagate, propagate_steps
 
-__all__ = ["aggregate", "propagate", "propagate_steps"]
+__all__ = [
+    "aggregate", "propagate", "propagate_steps",
+    "activity", "lateral_inhibition", "local_winners",
+    "stdp_", "bcm_", "plasticity_step_", "synapse_l1", "heterosynaptic_normalize_",
+]

@@ -120,3 +120,60 @@ def check_positive_int(op: str, name: str, value, allow_none: bool = False):
     if value < 1:
         raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_lattice_weights(op: str, w, K: int, name: str = "w") -> tuple:
+    """``w`` is a float ``[K, D, H, W]``; returns ``(D, H, W)``."""
+    check_tensor(op, name, w)
+    if w.dim() != 4 or w.shape[0] != K:
+        raise ValueError(f"{op}: {name} must have shape (K, D, H, W) with K = {K}, got {_shape(w)}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be {_DTYPE_NAMES}, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"{op}: {name} must have no empty dim, got shape {_shape(w)}")
+    return _shape(w)[1:]
+
+
+def check_cells(op: str, name: str, t, dims, w, *, batch=None, per_sample=True, allow_bool=False,
+                allow_none=False):
+    """A per-cell field: ``[B, D, H, W]`` (``per_sample``) or ``[D, H, W]``, a
+    float tensor (or bool when ``allow_bool``) on the device of ``w``; returns B."""
+    if t is None and allow_none:
+        return batch
+    check_tensor(op, name, t)
+    if per_sample:
+        if t.dim() != 4 or _shape(t)[1:] != tuple(dims) or (batch is not None and t.shape[0] != batch):
+            b = "B" if batch is None else str(batch)
+            raise ValueError(f"{op}: {name} must have shape ({b}, D, H, W) with (D, H, W) = {tuple(dims)}, "
+                             f"got {_shape(t)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{op}: {name} must have a batch of at least 1, got shape {_shape(t)}")
+    elif _shape(t) != tuple(dims):
+        raise ValueError(f"{op}: {name} must have shape (D, H, W) = {tuple(dims)}, got {_shape(t)}")
+    if t.dtype not in FLOAT_DTYPES and not (allow_bool and t.dtype == torch.bool):
+        kinds = _DTYPE_NAMES + (" or bool" if allow_bool else "")
+        raise TypeError(f"{op}: {name} must be {kinds}, got {t.dtype}")
+    if t.device != w.device:
+        raise ValueError(f"{op}: {name} must be on the device of w ({w.device}), got {t.device}")
+    return t.shape[0] if per_sample else batch
+
+
+def check_real(op: str, name: str, value, *, positive=False, nonneg=False, allow_inf=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+    if positive and not v > 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {value!r}")
+    if nonneg and not v >= 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {value!r}")
+    return v
+
+
+def check_bounds(op: str, lo_name: str, lo, hi_name: str, hi, allow_inf=False) -> tuple:
+    lo = check_real(op, lo_name, lo, allow_inf=allow_inf)
+    hi = check_real(op, hi_name, hi, allow_inf=allow_inf)
+    if lo > hi:
+        raise ValueError(f"{op}: {lo_name} must be <= {hi_name}, got {lo_name}={lo} > {hi_name}={hi}")
+    return lo, hi
