@@ -28,6 +28,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
     const at::Tensor& u, const at::Tensor& offsets, c10::List<bool> periodic, double leak, int64_t act,
     bool need_s, bool need_w);
 
+at::Tensor lateral_inhibition(const at::Tensor& y, double beta, const at::Tensor& offsets, c10::List<bool> periodic);
+at::Tensor local_winners(const at::Tensor& y, double threshold, const at::Tensor& offsets, c10::List<bool> periodic);
+void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
+                 c10::List<bool> periodic, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& spikes,
+                 const std::optional<at::Tensor>& x_pre, const std::optional<at::Tensor>& x_post,
+                 const std::optional<at::Tensor>& theta, const std::optional<at::Tensor>& gate,
+                 const std::optional<at::Tensor>& lr, c10::List<bool> flags, at::ArrayRef<double> scalars);
+void heterosynaptic_normalize_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
+                               c10::List<bool> periodic, const at::Tensor& target,
+                               const std::optional<at::Tensor>& where);
+
 }  // namespace cpu
 }  // namespace cellkern
 
@@ -43,6 +54,15 @@ TORCH_LIBRARY(cellkern_cpu, m) {
   m.def(
       "propagate_backward(Tensor g, Tensor s, Tensor w, Tensor? mask, Tensor u, Tensor offsets, "
       "bool[] periodic, float leak, int act, bool need_s, bool need_w) -> (Tensor, Tensor, Tensor)");
+  m.def("lateral_inhibition(Tensor y, float beta, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def("local_winners(Tensor y, float threshold, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def(
+      "plasticity_(Tensor(a!) w, Tensor? mask, Tensor offsets, bool[] periodic, Tensor? y, Tensor? spikes, "
+      "Tensor(b!)? x_pre, Tensor(c!)? x_post, Tensor(d!)? theta, Tensor? gate, Tensor? lr, bool[] flags, "
+      "float[] scalars) -> ()");
+  m.def(
+      "heterosynaptic_normalize_(Tensor(a!) w, Tensor? mask, Tensor offsets, bool[] periodic, Tensor target, "
+      "Tensor? where) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
@@ -51,6 +71,10 @@ TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
   m.impl("weight_grad", &cellkern::cpu::weight_grad);
   m.impl("propagate_forward", &cellkern::cpu::propagate_forward);
   m.impl("propagate_backward", &cellkern::cpu::propagate_backward);
+  m.impl("lateral_inhibition", &cellkern::cpu::lateral_inhibition);
+  m.impl("local_winners", &cellkern::cpu::local_winners);
+  m.impl("plasticity_", &cellkern::cpu::plasticity_);
+  m.impl("heterosynaptic_normalize_", &cellkern::cpu::heterosynaptic_normalize_);
 }
 
 // The ops live in torch.ops.cellkern_cpu; the module itself is empty.

@@ -44,3 +44,23 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
     ds, dw, du = _ops.propagate_backward(g, s, w, mask, u, _tab(geom), list(geom.periodic),
                                          float(leak), _ACT[activation], bool(need_s), bool(need_w))
     return (ds if need_s else None), (dw if need_w else None), (du if need_u else None)
+
+
+def lateral_inhibition(y, beta: float, geom: Geometry):
+    return _ops.lateral_inhibition(y, float(beta), _tab(geom), list(geom.periodic))
+
+
+def local_winners(y, threshold: float, geom: Geometry):
+    return _ops.local_winners(y, float(threshold), _tab(geom), list(geom.periodic))
+
+
+def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gate, lr):
+    flags = [p.stdp, p.multiplicative, p.bcm, p.competition, p.normalize]
+    scalars = [p.a_plus, p.a_minus, p.decay_pre, p.decay_post, p.bcm_lr, p.bcm_decay, p.tau_theta,
+               p.theta_min, p.theta_max, p.beta, p.threshold, p.w_min, p.w_max]
+    _ops.plasticity_(w, mask, _tab(geom), list(geom.periodic), y, spikes, x_pre, x_post, theta, gate, lr,
+                     [bool(f) for f in flags], [float(v) for v in scalars])
+
+
+def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
+    _ops.heterosynaptic_normalize_(w, mask, _tab(geom), list(geom.periodic), target, where)

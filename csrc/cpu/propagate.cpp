@@ -36,46 +36,16 @@
 
 #include "../stencil.h"
 #include "activations.h"
+#include "lattice.h"
 #include "rows.h"
 
 namespace cellkern {
 namespace cpu {
 namespace {
 
-// The lattice and stencil as the kernels see them.
-struct Lattice {
-  int64_t BC, C, D, H, W, N, K;
-  bool pz, py, px;
-  int64_t reach_x;  // max |dx|: the x cells [reach_x, W - reach_x) never wrap
-  std::vector<int64_t> dz, dy, dx;
-};
-
 Lattice make_lattice(const at::Tensor& s, const at::Tensor& offsets, const c10::List<bool>& periodic) {
   TORCH_CHECK(s.dim() == 5, "cellkern_cpu: expected a [B, C, D, H, W] tensor, got ", s.sizes());
-  TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == 3, "cellkern_cpu: offsets must be [K, 3], got ",
-              offsets.sizes());
-  TORCH_CHECK(periodic.size() == 3, "cellkern_cpu: periodic must have 3 entries, got ", periodic.size());
-  Lattice L;
-  L.C = s.size(1);
-  L.BC = s.size(0) * L.C;
-  L.D = s.size(2);
-  L.H = s.size(3);
-  L.W = s.size(4);
-  L.N = L.D * L.H * L.W;
-  L.K = offsets.size(0);
-  L.pz = periodic.get(0);
-  L.py = periodic.get(1);
-  L.px = periodic.get(2);
-  const at::Tensor o = offsets.to(at::kLong).contiguous();
-  const int64_t* p_o = o.data_ptr<int64_t>();
-  for (int64_t k = 0; k < L.K; ++k) {
-    L.dz.push_back(p_o[3 * k]);
-    L.dy.push_back(p_o[3 * k + 1]);
-    L.dx.push_back(p_o[3 * k + 2]);
-  }
-  L.reach_x = 0;
-  for (int64_t d : L.dx) L.reach_x = std::max(L.reach_x, d < 0 ? -d : d);
-  return L;
+  return ::cellkern::cpu::make_lattice(s.size(0), s.size(1), s.size(2), s.size(3), s.size(4), offsets, periodic);
 }
 
 // Rows per task: enough work per task to amortise the scheduling.
@@ -248,27 +218,6 @@ void weight_grad_pass(const Lattice& L, const g_t* p_g, const scalar_t* p_s, con
   });
 }
 
-// A fresh output tensor. Very large ones ask Linux for transparent huge
-// pages (2 MiB) before the first touch: writing a new 218 MB weight gradient
-// (128³, moore) then takes ~100 page faults instead of ~53 000, 7 ms instead
-// of 50 ms. Only above glibc's largest mmap threshold (32 MiB): smaller
-// buffers are recycled by malloc without faults, and huge pages there cost
-// more than they save. Elsewhere (or with THP off) this is a plain at::empty.
-std::atomic<bool> g_poison{false};
-
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
-  if (g_poison.load(std::memory_order_relaxed)) return t.fill_(std::numeric_limits<double>::quiet_NaN());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + t.nbytes()) & ~(kHuge - 1);
-  if (t.nbytes() >= (size_t(64) << 20) && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return t;
-}
-
 const bool* mask_ptr(const std::optional<at::Tensor>& mask) {
   return (mask.has_value() && mask->defined()) ? mask->data_ptr<bool>() : nullptr;
 }
@@ -366,6 +315,27 @@ void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar
 }
 
 }  // namespace
+
+// A fresh output tensor. Very large ones ask Linux for transparent huge
+// pages (2 MiB) before the first touch: writing a new 218 MB weight gradient
+// (128³, moore) then takes ~100 page faults instead of ~53 000, 7 ms instead
+// of 50 ms. Only above glibc's largest mmap threshold (32 MiB): smaller
+// buffers are recycled by malloc without faults, and huge pages there cost
+// more than they save. Elsewhere (or with THP off) this is a plain at::empty.
+std::atomic<bool> g_poison{false};
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (g_poison.load(std::memory_order_relaxed)) return t.fill_(std::numeric_limits<double>::quiet_NaN());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (t.nbytes() >= (size_t(64) << 20) && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
 
 // Test aid: NaN-fill every output at allocation, so an element a kernel
 // forgets to write fails the comparison with the reference.
