@@ -59,40 +59,31 @@ CK_HD inline CellTerms<T> cell_terms(const Rates<T>& k, T scale, T z, T x_post, 
           scale * k.bcm_decay};
 }
 
-/// Both weight dependences as one affine rule: with s1, s2, s3 the LTP, LTD
-/// and BCM sums, c0 += f_plus·s1 + f_minus·s2 + s3 and c1 += f_w·(s1 + s2).
-/// additive: (1, −1, 0); multiplicative: (w_max, w_min, −1).
-template <typename T>
-struct WeightDependence {
-  T f_plus, f_minus, f_w;
-};
-
-template <typename T>
-CK_HD inline WeightDependence<T> weight_dependence(bool multiplicative, T w_min, T w_max) {
-  return multiplicative ? WeightDependence<T>{w_max, w_min, T(-1)} : WeightDependence<T>{T(1), T(-1), T(0)};
-}
-
-/// Adds one sample's contribution of a synapse to Δw = c0 + c1·w;
-/// `x_pre_nbr` is the pre cell's trace after its decay.
-template <typename T>
-CK_HD inline void synapse_terms(const WeightDependence<T>& f, T p, T q, T r, T x_pre_nbr, T z_nbr, T y_nbr, T* c0,
-                                T* c1) {
+/// Adds one sample's contribution of a synapse to Δw = c0 + c1·w (see the
+/// header comment); `x_pre_nbr` is the pre cell's trace after its decay.
+/// T may be a scalar or a SIMD vector of synapses (S its scalar type).
+template <bool MULTIPLICATIVE, typename T, typename S>
+CK_HD inline void synapse_terms(S w_min, S w_max, T p, T q, T r, T x_pre_nbr, T z_nbr, T y_nbr, T* c0, T* c1) {
   const T s1 = p * x_pre_nbr, s2 = q * z_nbr, s3 = r * y_nbr;
-  *c0 += f.f_plus * s1 + f.f_minus * s2 + s3;
-  *c1 += f.f_w * (s1 + s2);
+  if constexpr (MULTIPLICATIVE) {
+    *c0 += w_max * s1 + w_min * s2 + s3;  // (w_max − w)·s1 − (w − w_min)·s2 + s3
+    *c1 -= s1 + s2;
+  } else {
+    *c0 += s1 - s2 + s3;
+  }
 }
 
-/// w clamped to [w_min, w_max].
+/// w clamped to [lo, hi] (scalars or vectors).
 template <typename T>
 CK_HD inline T clamp_weight(T w, T lo, T hi) {
   return w < lo ? lo : (w > hi ? hi : w);
 }
 
-/// The heterosynaptic scale of a cell: Σ|w| before / Σ|w| after, or 1 where
-/// the cell did not learn or has no weight left.
+/// The heterosynaptic scale of a cell: Σ|w| before / Σ|w| after where the
+/// cell learnt (`updated` > 0) and has weight left, else 1.
 template <typename T>
-CK_HD inline T normalize_scale(T before, T after, bool updated) {
-  return (updated && after > T(0)) ? before / after : T(1);
+CK_HD inline T normalize_scale(T before, T after, T updated) {
+  return ((updated > 0) & (after > 0)) ? before / after : T{} + 1;
 }
 
 /// θ ← clamp(θ + (mean_b y² − θ)/τ_θ, θ_min, θ_max).

@@ -282,8 +282,8 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
     new = torch.where(live, wa + dw, wa)
     if p.normalize:
         updated = (g > 0).any(0)
-        before = (wa.abs() * live).sum(0)
-        after = (new.abs() * live).sum(0)
+        before = torch.where(live, wa.abs(), 0).sum(0)  # a masked NaN stays out
+        after = torch.where(live, new.abs(), 0).sum(0)
         ok = updated & (after > 0)
         scale = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
         new = torch.where(live, new * scale, new)
@@ -305,7 +305,7 @@ def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
     acc = _plasticity_dtype(w, target.dtype)
     wa = w.to(acc)
     live = live_synapses(mask, geom, dims, w.device)
-    total = (wa.abs() * live).sum(0)
+    total = torch.where(live, wa.abs(), 0).sum(0)
     ok = total > 0
     if where is not None:
         ok = ok & where

@@ -261,7 +261,7 @@ def synapse_l1(w, mask=None, *, stencil="moore", boundary="periodic"):
     op = "synapse_l1"
     geom, dims, _ = _begin(op, w, mask, stencil, boundary, "reference")
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    return (w.to(acc).abs() * live_synapses(mask, geom, dims, w.device)).sum(0)
+    return torch.where(live_synapses(mask, geom, dims, w.device), w.to(acc).abs(), 0).sum(0)
 
 
 def heterosynaptic_normalize_(w, target, mask=None, *, where=None, stencil="moore", boundary="periodic",

@@ -27,77 +27,21 @@
 #include <optional>
 #include <vector>
 
+// The kernels below vectorise through explicit SIMD types and `omp simd`
+// loops; GCC 12's basic-block (SLP) vectoriser adds nothing to them and
+// crashes on the fp16 instantiations, so it is off for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-slp-vectorize")
+#endif
+
 #include "../plasticity.h"
 #include "../stencil.h"
 #include "lattice.h"
+#include "plasticity_rows.h"
 
 namespace cellkern {
 namespace cpu {
 namespace {
-
-// The neighbour rows of the lattice row (z, y): the distinct existing rows
-// (z+dz, y+dy) and, per offset, which of them it reads (-1: the row lies
-// outside a zero boundary, so every synapse of that offset is dead).
-struct RowNeighbours {
-  std::vector<int64_t> rows, slot;
-  void build(const Lattice& L, int64_t z, int64_t y) {
-    rows.clear();
-    slot.assign(L.K, -1);
-    for (int64_t k = 0; k < L.K; ++k) {
-      const int64_t nr = nbr_row(z, y, L.dz[k], L.dy[k], L.D, L.H, L.pz, L.py);
-      if (nr < 0) continue;
-      const auto it = std::find(rows.begin(), rows.end(), nr);
-      slot[k] = it - rows.begin();
-      if (it == rows.end()) rows.push_back(nr);
-    }
-  }
-};
-
-// dst[R + x] = f(src[x]) for x in [0, W); the R cells on each side hold the
-// wrapped values (periodic) or 0 (zero boundary: a neighbour outside reads 0).
-template <typename A, typename F>
-inline void load_padded(const A* src, A* dst, int64_t W, int64_t R, bool periodic, F f) {
-#pragma omp simd
-  for (int64_t x = 0; x < W; ++x) dst[R + x] = f(src[x]);
-  for (int64_t e = 1; e <= R; ++e) {
-    dst[R - e] = periodic ? f(src[wrap(-e, W)]) : A(0);
-    dst[R + W - 1 + e] = periodic ? f(src[wrap(W - 1 + e, W)]) : A(0);
-  }
-}
-
-template <typename A>
-struct Identity {
-  A operator()(A v) const { return v; }
-};
-
-// Per row: padded rows of one field per neighbour slot, and the row each
-// offset reads (a zero row where its neighbour row does not exist).
-template <typename A>
-struct PaddedRows {
-  int64_t W, R, P;
-  std::vector<A> buf, zero;
-  PaddedRows(const Lattice& L) : W(L.W), R(L.reach_x), P(L.W + 2 * L.reach_x), buf(L.K * P), zero(P, A(0)) {}
-  template <typename F>
-  void load(const Lattice& L, const RowNeighbours& nb, const A* field, F f) {
-    for (size_t s = 0; s < nb.rows.size(); ++s) load_padded(field + nb.rows[s] * W, buf.data() + s * P, W, R, L.px, f);
-  }
-  // the neighbour of cell x at offset k is at(k)[x]
-  const A* at(const RowNeighbours& nb, const Lattice& L, int64_t k) const {
-    const A* base = nb.slot[k] < 0 ? zero.data() : buf.data() + nb.slot[k] * P;
-    return base + R + L.dx[k];
-  }
-};
-
-// The x range of live synapses for offset k: all of [0, W) along a periodic
-// x, else the cells whose neighbour x + dx lies inside.
-inline void live_range(const Lattice& L, int64_t k, int64_t* lo, int64_t* hi) {
-  if (L.px) {
-    *lo = 0;
-    *hi = L.W;
-  } else {
-    interior_range(L.W, L.dx[k], lo, hi);
-  }
-}
 
 // out[b,i] = relu(y[b,i] − β·Σ_k y[b,nbr] / K)  (mode 0)  or
 // out[b,i] = y[b,i] > θ and y[b,i] ≥ max_k y[b,nbr] (mode 1)
@@ -106,20 +50,17 @@ void neighbourhood_pass(const Lattice& L, int64_t B, const A* y, A param, O* out
   const int64_t W = L.W, N = L.N, K = L.K;
   at::parallel_for(0, L.D * L.H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * W * B)),
                    [&](int64_t r0, int64_t r1) {
-    RowNeighbours nb;
+    RowNeighbours nb(L);
     PaddedRows<A> pad(L);
     std::vector<A> red(W);
+    std::vector<const A*> nbr(K);
     for (int64_t row = r0; row < r1; ++row) {
       nb.build(L, row / L.H, row % L.H);
       for (int64_t b = 0; b < B; ++b) {
         const A* p_y = y + b * N;
         pad.load(L, nb, p_y, Identity<A>());
-        std::fill(red.begin(), red.end(), MODE == 0 ? A(0) : -INFINITY);
-        for (int64_t k = 0; k < K; ++k) {
-          const A* p_n = pad.at(nb, L, k);
-#pragma omp simd
-          for (int64_t x = 0; x < W; ++x) red[x] = MODE == 0 ? red[x] + p_n[x] : std::max(red[x], p_n[x]);
-        }
+        pad.pointers(nb, L, nbr.data());
+        reduce_rows<MODE == 1>(nbr.data(), K, W, red.data());
         const A* p_yr = p_y + row * W;
         O* p_o = out + b * N + row * W;
 #pragma omp simd
@@ -142,180 +83,137 @@ struct CellFields {
   const A *y, *spikes, *x_pre, *x_post, *theta, *gate, *lr;
 };
 
-// One offset's synapses of one row, x in [lo, hi): the terms of the current
-// sample (cell coefficients p, q, r; neighbour fields xn, zn, yn), plus the
-// earlier samples' sums (acc0, acc1) when HAS_ACC, give Δw = c0 + c1·w.
-//   SWEEP == 0: accumulate c0, c1 into acc0, acc1 (FIRST: overwrite)
-//   SWEEP == 1: w ← clamp(w + Δw) on live synapses
-//   SWEEP == 2: nw ← w + Δw on live synapses, Σ|w| before/after into sb, sa
-template <int SWEEP, bool HAS_ACC, bool FIRST, typename w_t, typename A>
-inline void synapse_row(int64_t lo, int64_t hi, const WeightDependence<A> wd, const A* __restrict p,
-                        const A* __restrict q, const A* __restrict r, const A* __restrict d, const A* __restrict xn,
-                        const A* __restrict zn, const A* __restrict yn, A* __restrict acc0, A* __restrict acc1,
-                        w_t* __restrict w, const uint8_t* __restrict live, A w_lo, A w_hi, A* __restrict nw,
-                        A* __restrict sb, A* __restrict sa) {
+// The fused step's w sweep (see the file comment). Per row and sample: the
+// neighbour fields and the post cells' coefficients; the samples before the
+// last sum their terms into (c0, c1), the last one's terms go straight into
+// the one read-update-write of w (sweep_row: cells outer, offsets inner, so
+// a cell's Σ|w| and scale stay in registers).
+template <bool MULT, bool NORM, bool LIVE, bool ACC, typename w_t, typename A>
+void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const bool* m, const CellFields<A>& F,
+                     int64_t r0, int64_t r1) {
+  const int64_t W = L.W, N = L.N, K = L.K, B = F.B;
+  const A invB = A(1) / A(B), thr = A(P.threshold), e_pre = A(P.decay_pre);
+  const A w_lo = A(P.w_min), w_hi = A(P.w_max);
+  const Rates<A> rt = rates<A>(P);
+  const bool need_y = P.bcm || P.competition || F.spikes == nullptr;
+  constexpr int64_t kLanes = sizeof(typename Simd<A>::type) / sizeof(A);
+  {
+    {
+      RowNeighbours nb(L);
+      PaddedRows<A> ypad(L), xpad(L), zpad(L);
+      std::vector<A> c0(ACC ? K * W : 0), c1(ACC ? K * W : 0), live(LIVE ? K * W : 0), scratch(K * kLanes), cp(W),
+          cq(W), cr(W), nmax(W), g(W), zc(W), dcell(W), upd(W), zeros(W, A(0)), ones(W, A(1));
+      std::vector<w_t*> w_rows(K);
+      std::vector<const A*> xn(K), zn(K), yn(K), lv(K), a0(K), a1(K);
+      for (int64_t k = 0; k < K; ++k) {
+        lv[k] = LIVE ? live.data() + k * W : nullptr;
+        a0[k] = ACC ? c0.data() + k * W : nullptr;
+        a1[k] = ACC ? c1.data() + k * W : nullptr;
+        if (LIVE && m == nullptr) {  // zero x boundary: the same dead cells in every row
+          int64_t lo, hi;
+          live_range(L, k, &lo, &hi);
+          for (int64_t x = 0; x < W; ++x) live[k * W + x] = (x >= lo && x < hi) ? A(1) : A(0);
+        }
+      }
+      for (int64_t row = r0; row < r1; ++row) {
+        nb.build(L, row / L.H, row % L.H);
+        std::fill(dcell.begin(), dcell.end(), A(0));
+        std::fill(upd.begin(), upd.end(), A(0));
+        const int64_t base = row * W;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t bb = b * N;
+          if (need_y) ypad.load(L, nb, F.y + bb, Identity<A>());
+          if (P.stdp) {
+            xpad.load(L, nb, F.x_pre + bb, [e_pre](A v) { return v * e_pre; });
+            if (F.spikes != nullptr) {
+              zpad.load(L, nb, F.spikes + bb, Identity<A>());
+            } else {
+              zpad.load(L, nb, F.y + bb, [thr](A v) { return v > thr ? A(1) : A(0); });
+            }
+          }
+          // the post cells' coefficients for this sample
+          const A* p_yc = need_y ? F.y + bb + base : zeros.data();
+          ypad.pointers(nb, L, yn.data());
+          xpad.pointers(nb, L, xn.data());
+          zpad.pointers(nb, L, zn.data());
+          if (P.competition) {
+            reduce_rows<true>(yn.data(), K, W, nmax.data());
+            for (int64_t x = 0; x < W; ++x) g[x] = wins(p_yc[x], nmax[x], thr) ? A(1) : A(0);
+          } else {
+            std::fill(g.begin(), g.end(), A(1));
+          }
+          if (F.spikes != nullptr) {
+            std::copy(F.spikes + bb + base, F.spikes + bb + base + W, zc.begin());
+          } else {
+            for (int64_t x = 0; x < W; ++x) zc[x] = p_yc[x] > thr ? A(1) : A(0);
+          }
+          {
+            const A* __restrict p_g = F.gate != nullptr ? F.gate + bb + base : ones.data();
+            const A* __restrict p_lr = F.lr != nullptr ? F.lr + base : ones.data();
+            const A* __restrict p_xq = P.stdp ? F.x_post + bb + base : zeros.data();
+            const A* __restrict p_th = P.bcm ? F.theta + base : zeros.data();
+            const A* __restrict p_z = zc.data();
+            const A* __restrict p_y = p_yc;
+            const A* __restrict p_gg = g.data();
+            A* __restrict p_cp = cp.data();
+            A* __restrict p_cq = cq.data();
+            A* __restrict p_cr = cr.data();
+            A* __restrict p_dc = dcell.data();
+            A* __restrict p_up = upd.data();
 #pragma omp simd
-  for (int64_t x = lo; x < hi; ++x) {
-    A c0 = A(0), c1 = A(0);
-    if constexpr (HAS_ACC) {
-      c0 = acc0[x];
-      c1 = acc1[x];
-    }
-    synapse_terms(wd, p[x], q[x], r[x], xn[x], zn[x], yn[x], &c0, &c1);
-    if constexpr (SWEEP == 0) {
-      acc0[x] = c0;
-      acc1[x] = c1;
-    } else {
-      const A wo = static_cast<A>(w[x]);
-      const A wn = wo + c0 + (c1 - d[x]) * wo;
-      if constexpr (SWEEP == 1) {
-        w[x] = live[x] ? static_cast<w_t>(clamp_weight(wn, w_lo, w_hi)) : w[x];
-      } else {
-        const A lv = A(live[x]);
-        nw[x] = live[x] ? wn : wo;
-        sb[x] += lv * std::abs(wo);
-        sa[x] += lv * std::abs(wn);
+            for (int64_t x = 0; x < W; ++x) {
+              const A gx = p_gg[x] * p_g[x];
+              const CellTerms<A> ct = cell_terms(rt, gx * invB * p_lr[x], p_z[x], p_xq[x], p_y[x], p_th[x]);
+              p_cp[x] = ct.p;
+              p_cq[x] = ct.q;
+              p_cr[x] = ct.r;
+              p_dc[x] += ct.d;
+              p_up[x] = gx > p_up[x] ? gx : p_up[x];
+            }
+          }
+          if (b < B - 1) {
+            for (int64_t k = 0; k < K; ++k) {
+              if (nb.slot[k] < 0) continue;
+              if (b == 0) {
+                accumulate_row<MULT, true>(W, w_lo, w_hi, cp.data(), cq.data(), cr.data(), xn[k], zn[k], yn[k],
+                                           c0.data() + k * W, c1.data() + k * W);
+              } else {
+                accumulate_row<MULT, false>(W, w_lo, w_hi, cp.data(), cq.data(), cr.data(), xn[k], zn[k], yn[k],
+                                            c0.data() + k * W, c1.data() + k * W);
+              }
+            }
+            continue;
+          }
+          for (int64_t k = 0; k < K; ++k) {
+            w_rows[k] = nb.slot[k] < 0 ? nullptr : w + k * N + base;
+            if (LIVE && m != nullptr && w_rows[k] != nullptr) {
+              const int64_t dx = L.dx[k];
+              const bool* p_m = m + k * N + base;
+              A* p_l = live.data() + k * W;
+              for (int64_t x = 0; x < W; ++x) {
+                p_l[x] = (p_m[x] && (L.px || inside(x + dx, W))) ? A(1) : A(0);
+              }
+            }
+          }
+          const SweepRow<A, w_t> S{W, K, w_rows.data(), xn.data(), zn.data(), yn.data(), lv.data(), a0.data(),
+                                   a1.data(), cp.data(), cq.data(), cr.data(), dcell.data(), upd.data(), w_lo, w_hi,
+                                   scratch.data()};
+          sweep_row<MULT, NORM, LIVE, ACC>(S);
+        }
       }
     }
   }
 }
 
-// The fused step's w sweep (see the file comment). Per row and sample: the
-// neighbour fields and the post cells' coefficients; the samples before the
-// last sum their terms into (c0, c1), the last one's terms go straight into
-// the read-update-write of w. The x loops are branch-free (absent inputs read
-// rows of 0 or 1, rules that are off have rates 0) so that they vectorise.
 template <typename w_t, typename A>
 void plasticity_pass(const Lattice& L, const PlasticityParams P, w_t* w, const bool* m, const CellFields<A> F) {
-  const int64_t W = L.W, N = L.N, K = L.K, B = F.B;
-  const A invB = A(1) / A(B), thr = A(P.threshold), e_pre = A(P.decay_pre);
-  const A w_lo = A(P.w_min), w_hi = A(P.w_max);
-  const Rates<A> rt = rates<A>(P);
-  const WeightDependence<A> wd = weight_dependence<A>(P.multiplicative, w_lo, w_hi);
-  const bool need_y = P.bcm || P.competition || F.spikes == nullptr;
-  at::parallel_for(0, L.D * L.H, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, K * W * B)),
-                   [&](int64_t r0, int64_t r1) {
-    RowNeighbours nb;
-    PaddedRows<A> ypad(L), xpad(L), zpad(L);
-    std::vector<A> c0(B > 1 ? K * W : 0), c1(B > 1 ? K * W : 0), nw(K * W), cp(W), cq(W), cr(W), nmax(W), g(W),
-        zc(W), dcell(W), upd(W), before(W), after(W), zeros(W, A(0)), ones(W, A(1));
-    std::vector<uint8_t> all_live(W, 1);
-    for (int64_t row = r0; row < r1; ++row) {
-      nb.build(L, row / L.H, row % L.H);
-      std::fill(dcell.begin(), dcell.end(), A(0));
-      std::fill(upd.begin(), upd.end(), A(0));
-      std::fill(before.begin(), before.end(), A(0));
-      std::fill(after.begin(), after.end(), A(0));
-      const int64_t base = row * W;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t bb = b * N;
-        if (need_y) ypad.load(L, nb, F.y + bb, Identity<A>());
-        if (P.stdp) {
-          xpad.load(L, nb, F.x_pre + bb, [e_pre](A v) { return v * e_pre; });
-          if (F.spikes != nullptr) {
-            zpad.load(L, nb, F.spikes + bb, Identity<A>());
-          } else {
-            zpad.load(L, nb, F.y + bb, [thr](A v) { return v > thr ? A(1) : A(0); });
-          }
-        }
-        // the post cells' coefficients for this sample
-        const A* p_yc = need_y ? F.y + bb + base : zeros.data();
-        if (P.competition) {
-          std::fill(nmax.begin(), nmax.end(), A(-INFINITY));
-          for (int64_t k = 0; k < K; ++k) {
-            const A* __restrict p_n = ypad.at(nb, L, k);
-            A* __restrict p_mx = nmax.data();
-#pragma omp simd
-            for (int64_t x = 0; x < W; ++x) p_mx[x] = p_n[x] > p_mx[x] ? p_n[x] : p_mx[x];
-          }
-          for (int64_t x = 0; x < W; ++x) g[x] = wins(p_yc[x], nmax[x], thr) ? A(1) : A(0);
-        } else {
-          std::fill(g.begin(), g.end(), A(1));
-        }
-        if (F.spikes != nullptr) {
-          std::copy(F.spikes + bb + base, F.spikes + bb + base + W, zc.begin());
-        } else {
-          for (int64_t x = 0; x < W; ++x) zc[x] = p_yc[x] > thr ? A(1) : A(0);
-        }
-        {
-          const A* __restrict p_g = F.gate != nullptr ? F.gate + bb + base : ones.data();
-          const A* __restrict p_lr = F.lr != nullptr ? F.lr + base : ones.data();
-          const A* __restrict p_xq = P.stdp ? F.x_post + bb + base : zeros.data();
-          const A* __restrict p_th = P.bcm ? F.theta + base : zeros.data();
-          const A* __restrict p_z = zc.data();
-          const A* __restrict p_y = p_yc;
-          const A* __restrict p_gg = g.data();
-          A* __restrict p_cp = cp.data();
-          A* __restrict p_cq = cq.data();
-          A* __restrict p_cr = cr.data();
-          A* __restrict p_dc = dcell.data();
-          A* __restrict p_up = upd.data();
-#pragma omp simd
-          for (int64_t x = 0; x < W; ++x) {
-            const A gx = p_gg[x] * p_g[x];
-            const CellTerms<A> ct = cell_terms(rt, gx * invB * p_lr[x], p_z[x], p_xq[x], p_y[x], p_th[x]);
-            p_cp[x] = ct.p;
-            p_cq[x] = ct.q;
-            p_cr[x] = ct.r;
-            p_dc[x] += ct.d;
-            p_up[x] = gx > p_up[x] ? gx : p_up[x];
-          }
-        }
-        const bool last = b == B - 1;
-        for (int64_t k = 0; k < K; ++k) {
-          if (nb.slot[k] < 0) continue;
-          int64_t lo = 0, hi = W;
-          if (last) live_range(L, k, &lo, &hi);
-          const A* xn = xpad.at(nb, L, k);
-          const A* zn = zpad.at(nb, L, k);
-          const A* yn = ypad.at(nb, L, k);
-          A* a0 = B > 1 ? c0.data() + k * W : nullptr;
-          A* a1 = B > 1 ? c1.data() + k * W : nullptr;
-          w_t* p_w = w + k * N + base;
-          const uint8_t* p_m = m != nullptr ? reinterpret_cast<const uint8_t*>(m) + k * N + base : all_live.data();
-          A* p_n = nw.data() + k * W;
-#define CK_SYNAPSE_ROW(SWEEP, HAS_ACC, FIRST)                                                                    \
-  synapse_row<SWEEP, HAS_ACC, FIRST>(lo, hi, wd, cp.data(), cq.data(), cr.data(), dcell.data(), xn, zn, yn, a0, a1, \
-                                     p_w, p_m, w_lo, w_hi, p_n, before.data(), after.data())
-          if (!last) {
-            if (b == 0) {
-              CK_SYNAPSE_ROW(0, false, true);
-            } else {
-              CK_SYNAPSE_ROW(0, true, false);
-            }
-          } else if (B == 1) {
-            if (P.normalize) {
-              CK_SYNAPSE_ROW(2, false, false);
-            } else {
-              CK_SYNAPSE_ROW(1, false, false);
-            }
-          } else if (P.normalize) {
-            CK_SYNAPSE_ROW(2, true, false);
-          } else {
-            CK_SYNAPSE_ROW(1, true, false);
-          }
-#undef CK_SYNAPSE_ROW
-        }
-      }
-      if (!P.normalize) continue;
-      // Σ|w| back to its value before, on the cells that learnt; then clamp
-      for (int64_t x = 0; x < W; ++x) before[x] = normalize_scale(before[x], after[x], upd[x] > A(0));
-      for (int64_t k = 0; k < K; ++k) {
-        if (nb.slot[k] < 0) continue;
-        int64_t lo, hi;
-        live_range(L, k, &lo, &hi);
-        w_t* __restrict p_w = w + k * N + base;
-        const uint8_t* __restrict p_m =
-            m != nullptr ? reinterpret_cast<const uint8_t*>(m) + k * N + base : all_live.data();
-        const A* __restrict p_n = nw.data() + k * W;
-        const A* __restrict p_s = before.data();
-#pragma omp simd
-        for (int64_t x = lo; x < hi; ++x) {
-          const A wn = clamp_weight(p_n[x] * p_s[x], w_lo, w_hi);
-          p_w[x] = p_m[x] ? static_cast<w_t>(wn) : p_w[x];
-        }
-      }
-    }
+  const bool live_rows = m != nullptr || !L.px;  // some synapses of a row may be dead
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, L.K * L.W * F.B));
+  with_flags(P.multiplicative, P.normalize, live_rows, F.B > 1, [&](auto MULT, auto NORM, auto LIVE, auto ACC) {
+    at::parallel_for(0, L.D * L.H, grain, [&](int64_t r0, int64_t r1) {
+      plasticity_rows<decltype(MULT)::value, decltype(NORM)::value, decltype(LIVE)::value, decltype(ACC)::value>(
+          L, P, w, m, F, r0, r1);
+    });
   });
 }
 
@@ -351,7 +249,7 @@ void normalize_pass(const Lattice& L, w_t* w, const bool* m, const A* target, co
   const int64_t W = L.W, N = L.N, K = L.K;
   at::parallel_for(0, L.D * L.H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * W)),
                    [&](int64_t r0, int64_t r1) {
-    RowNeighbours nb;
+    RowNeighbours nb(L);
     std::vector<A> total(W);
     for (int64_t row = r0; row < r1; ++row) {
       nb.build(L, row / L.H, row % L.H);
@@ -378,7 +276,7 @@ void normalize_pass(const Lattice& L, w_t* w, const bool* m, const A* target, co
         if (pass == 0) {
           for (int64_t x = 0; x < W; ++x) {
             const bool ok = where == nullptr || where[base + x];
-            total[x] = normalize_scale(target[base + x], total[x], ok);
+            total[x] = normalize_scale(target[base + x], total[x], ok ? A(1) : A(0));
           }
         }
       }
@@ -489,9 +387,24 @@ void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at:
     using A = scalar_t;
     const CellFields<A> F{B, opt_data<A>(ya), opt_data<A>(spa), opt_data<A>(xpa), opt_data<A>(xqa),
                           opt_data<A>(tha), opt_data<A>(ga), opt_data<A>(lra)};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "plasticity_", [&] {
-      plasticity_pass<scalar_t, A>(L, P, w.data_ptr<scalar_t>(), p_m, F);
-    });
+    if constexpr (std::is_same_v<A, double>) {
+      // fp64 arithmetic: fp16/bf16 weights go through an fp64 copy (rounded
+      // back once, as the reference does), which keeps the instantiations few
+      if (w.scalar_type() == at::kFloat) {
+        plasticity_pass<float, A>(L, P, w.data_ptr<float>(), p_m, F);
+      } else {
+        at::Tensor wd = w.scalar_type() == at::kDouble ? w : w.to(at::kDouble);
+        plasticity_pass<double, A>(L, P, wd.data_ptr<double>(), p_m, F);
+        if (!wd.is_same(w)) w.copy_(wd);
+      }
+    } else {
+      TORCH_CHECK(w.scalar_type() != at::kDouble, "cellkern_cpu: fp64 weights take fp64 arithmetic");
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "plasticity_", [&] {
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          plasticity_pass<scalar_t, A>(L, P, w.data_ptr<scalar_t>(), p_m, F);
+        }
+      });
+    }
     state_pass<A>(L, P, F, mut_data<A>(xpa), mut_data<A>(xqa), mut_data<A>(tha));
   });
   // traces and θ held in another dtype were updated in a copy

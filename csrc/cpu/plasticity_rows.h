@@ -1,0 +1,349 @@
+// Row machinery of the CPU plasticity kernels: the neighbour rows of a
+// lattice row, padded field rows, and the sweeps over a row's synapses.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "../plasticity.h"
+#include "../stencil.h"
+#include "lattice.h"
+#include "rows.h"
+
+namespace cellkern {
+namespace cpu {
+
+// The neighbour rows of the lattice row (z, y). The stencil's offsets share
+// a few distinct row shifts (dz, dy) (9 for moore); per row, `rows` holds the
+// row each shift reaches (-1: outside a zero boundary) and `slot` the shift
+// of each offset (-1 where its row is missing: every synapse of that offset
+// is dead).
+struct RowNeighbours {
+  std::vector<int64_t> shift_dz, shift_dy, shift_of, rows, slot;
+  explicit RowNeighbours(const Lattice& L) : shift_of(L.K), slot(L.K) {
+    for (int64_t k = 0; k < L.K; ++k) {
+      int64_t s = 0;
+      while (s < int64_t(shift_dz.size()) && !(shift_dz[s] == L.dz[k] && shift_dy[s] == L.dy[k])) ++s;
+      if (s == int64_t(shift_dz.size())) {
+        shift_dz.push_back(L.dz[k]);
+        shift_dy.push_back(L.dy[k]);
+      }
+      shift_of[k] = s;
+    }
+    rows.resize(shift_dz.size());
+  }
+  void build(const Lattice& L, int64_t z, int64_t y) {
+    for (size_t s = 0; s < rows.size(); ++s) rows[s] = nbr_row(z, y, shift_dz[s], shift_dy[s], L.D, L.H, L.pz, L.py);
+    for (int64_t k = 0; k < L.K; ++k) slot[k] = rows[shift_of[k]] < 0 ? -1 : shift_of[k];
+  }
+};
+
+// dst[R + x] = f(src[x]) for x in [0, W); the R cells on each side hold the
+// wrapped values (periodic) or 0 (zero boundary: a neighbour outside reads 0).
+template <typename A, typename F>
+inline void load_padded(const A* src, A* dst, int64_t W, int64_t R, bool periodic, F f) {
+#pragma omp simd
+  for (int64_t x = 0; x < W; ++x) dst[R + x] = f(src[x]);
+  for (int64_t e = 1; e <= R; ++e) {
+    dst[R - e] = periodic ? f(src[wrap(-e, W)]) : A(0);
+    dst[R + W - 1 + e] = periodic ? f(src[wrap(W - 1 + e, W)]) : A(0);
+  }
+}
+
+template <typename A>
+struct Identity {
+  A operator()(A v) const { return v; }
+};
+
+// Per row: padded rows of one field per neighbour slot, and the row each
+// offset reads (a zero row where its neighbour row does not exist).
+template <typename A>
+struct PaddedRows {
+  int64_t W, R, P;
+  std::vector<A> buf, zero;
+  PaddedRows(const Lattice& L) : W(L.W), R(L.reach_x), P(L.W + 2 * L.reach_x), buf(L.K * P), zero(P, A(0)) {}
+  template <typename F>
+  void load(const Lattice& L, const RowNeighbours& nb, const A* field, F f) {
+    for (size_t s = 0; s < nb.rows.size(); ++s) {
+      if (nb.rows[s] >= 0) load_padded(field + nb.rows[s] * W, buf.data() + s * P, W, R, L.px, f);
+    }
+  }
+  // per offset k, the row whose x-th cell is the neighbour of cell x
+  void pointers(const RowNeighbours& nb, const Lattice& L, const A** out) const {
+    for (int64_t k = 0; k < L.K; ++k) out[k] = at(nb, L, k);
+  }
+  // the neighbour of cell x at offset k is at(k)[x]
+  const A* at(const RowNeighbours& nb, const Lattice& L, int64_t k) const {
+    const A* base = nb.slot[k] < 0 ? zero.data() : buf.data() + nb.slot[k] * P;
+    return base + R + L.dx[k];
+  }
+};
+
+// The x range of live synapses for offset k: all of [0, W) along a periodic
+// x, else the cells whose neighbour x + dx lies inside.
+inline void live_range(const Lattice& L, int64_t k, int64_t* lo, int64_t* hi) {
+  if (L.px) {
+    *lo = 0;
+    *hi = L.W;
+  } else {
+    interior_range(L.W, L.dx[k], lo, hi);
+  }
+}
+
+// out[x] = Σ_k rows[k][x] (or max_k when MAX) for x in [0, W): one register
+// per SIMD vector of cells while the K rows stream past.
+template <bool MAX, typename A>
+inline void reduce_rows(const A* const* rows, int64_t K, int64_t W, A* out) {
+  using V = typename Simd<A>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(A);
+  int64_t x = 0;
+  for (; x + L <= W; x += L) {
+    V acc = MAX ? V{} - INFINITY : V{};
+    for (int64_t k = 0; k < K; ++k) {
+      const V v = load<V>(rows[k] + x);
+      if constexpr (MAX) {
+        acc = v > acc ? v : acc;
+      } else {
+        acc += v;
+      }
+    }
+    store(out + x, acc);
+  }
+  for (; x < W; ++x) {
+    A acc = MAX ? -INFINITY : A(0);
+    for (int64_t k = 0; k < K; ++k) acc = MAX ? std::max(acc, rows[k][x]) : acc + rows[k][x];
+    out[x] = acc;
+  }
+}
+
+// ---- the synapse sweeps ----
+
+// One lane's conversions. bf16 and fp16 go through their bits (and F16C
+// where the CPU has it): GCC 12 crashes vectorising c10::Half / BFloat16's own
+// conversion operators in these loops.
+template <typename A, typename T>
+inline A to_acc(const T& v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t u = uint32_t(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return static_cast<A>(f);
+  }
+#if defined(__F16C__)
+  else if constexpr (std::is_same_v<T, c10::Half>) {
+    return static_cast<A>(_cvtsh_ss(v.x));
+  }
+#endif
+  else {
+    return static_cast<A>(v);
+  }
+}
+
+template <typename T, typename A>
+inline T from_acc(A a) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const float f = static_cast<float>(a);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    T out;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      out.x = uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+    } else {
+      out.x = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+    }
+    return out;
+  }
+#if defined(__F16C__)
+  else if constexpr (std::is_same_v<T, c10::Half>) {
+    T out;
+    out.x = _cvtss_sh(static_cast<float>(a), _MM_FROUND_TO_NEAREST_INT);
+    return out;
+  }
+#endif
+  else {
+    return static_cast<T>(a);
+  }
+}
+
+// Loads / stores of V (a SIMD vector of A, or A itself) from T, converting.
+template <typename V, typename A, typename T>
+inline V ld(const T* p) {
+  if constexpr (sizeof(V) == sizeof(A)) {
+    return to_acc<A>(*p);
+  } else if constexpr (std::is_same_v<T, A>) {
+    return load<V>(p);
+  }
+#if defined(__AVX512F__)
+  else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    V v;
+    std::memcpy(&v, &f, sizeof(V));
+    return v;
+  }
+#endif
+  else {
+    A t[sizeof(V) / sizeof(A)];
+    for (size_t l = 0; l < sizeof(V) / sizeof(A); ++l) t[l] = to_acc<A>(p[l]);
+    return load<V>(t);
+  }
+}
+
+template <typename V, typename A, typename T>
+inline void st(T* p, const V& v) {
+  if constexpr (sizeof(V) == sizeof(A)) {
+    *p = from_acc<T>(static_cast<A>(v));
+  } else if constexpr (std::is_same_v<T, A>) {
+    store(p, v);
+  }
+#if defined(__AVX512F__)
+  else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(V));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  else {
+    A t[sizeof(V) / sizeof(A)];
+    store(t, v);
+    for (size_t l = 0; l < sizeof(V) / sizeof(A); ++l) p[l] = from_acc<T>(t[l]);
+  }
+}
+
+template <typename V>
+inline V vabs(V v) {
+  return v < 0 ? -v : v;
+}
+
+// Samples before the last: their terms of offset k summed into acc0, acc1
+// (FIRST: overwritten) for the cells [0, W) of a row.
+template <bool MULT, bool FIRST, typename A>
+inline void accumulate_row(int64_t W, A w_min, A w_max, const A* __restrict p, const A* __restrict q,
+                           const A* __restrict r, const A* __restrict xn, const A* __restrict zn,
+                           const A* __restrict yn, A* __restrict acc0, A* __restrict acc1) {
+#pragma omp simd
+  for (int64_t x = 0; x < W; ++x) {
+    A c0 = FIRST ? A(0) : acc0[x];
+    A c1 = FIRST ? A(0) : acc1[x];
+    synapse_terms<MULT>(w_min, w_max, p[x], q[x], r[x], xn[x], zn[x], yn[x], &c0, &c1);
+    acc0[x] = c0;
+    acc1[x] = c1;
+  }
+}
+
+// What the last sample's sweep over one row reads; the per-offset pointers
+// are null for offsets whose neighbour row lies outside a zero boundary.
+template <typename A, typename w_t>
+struct SweepRow {
+  int64_t W, K;
+  w_t* const* w;         // per k: the row of w
+  const A* const* xn;    // per k: decayed pre traces of the neighbours (already shifted by dx)
+  const A* const* zn;    // per k: the neighbours' spikes
+  const A* const* yn;    // per k: the neighbours' activity
+  const A* const* live;  // per k: 1 where the synapse may change (LIVE only)
+  const A* const* acc0;  // per k: the earlier samples' sums (ACC only)
+  const A* const* acc1;
+  const A *p, *q, *r, *d, *upd;  // per cell: this sample's coefficients, Σ decay, any winner
+  A w_min, w_max;
+  A* scratch;  // K vectors: the updated weights while Σ|w| is summed (NORM only)
+};
+
+// The cells [x, x + lanes of V) of a row, all offsets: Δw from this
+// sample's terms (plus the earlier sums), w + Δw; with NORM, Σ|w| before and
+// after over the live synapses, every cell's scale, then clamp and store —
+// all in registers but the K updated vectors.
+template <bool MULT, bool NORM, bool LIVE, bool ACC, typename V, typename A, typename w_t>
+inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
+  constexpr int64_t L = sizeof(V) / sizeof(A);
+  const V p = ld<V, A>(S.p + x), q = ld<V, A>(S.q + x), r = ld<V, A>(S.r + x), d = ld<V, A>(S.d + x);
+  const V lo = V{} + S.w_min, hi = V{} + S.w_max;
+  V before{}, after{};
+  for (int64_t k = 0; k < S.K; ++k) {
+    if (S.w[k] == nullptr) continue;
+    w_t* p_w = S.w[k] + x;
+    const V wo = ld<V, A>(p_w);
+    V c0{}, c1{};
+    if constexpr (ACC) {
+      c0 = ld<V, A>(S.acc0[k] + x);
+      c1 = ld<V, A>(S.acc1[k] + x);
+    }
+    synapse_terms<MULT>(S.w_min, S.w_max, p, q, r, ld<V, A>(S.xn[k] + x), ld<V, A>(S.zn[k] + x),
+                        ld<V, A>(S.yn[k] + x), &c0, &c1);
+    V wn = wo + c0 + (c1 - d) * wo;
+    if constexpr (LIVE) {
+      const auto on = ld<V, A>(S.live[k] + x) > 0;
+      wn = on ? wn : wo;
+      if constexpr (NORM) {
+        before += on ? vabs(wo) : V{};  // a select: a masked NaN stays out
+        after += on ? vabs(wn) : V{};
+      }
+    } else if constexpr (NORM) {
+      before += vabs(wo);
+      after += vabs(wn);
+    }
+    if constexpr (NORM) {
+      st<V, A>(S.scratch + k * L, wn);
+    } else {
+      const V out = clamp_weight(wn, lo, hi);
+      if constexpr (LIVE) {
+        st<V, A>(p_w, ld<V, A>(S.live[k] + x) > 0 ? out : wo);
+      } else {
+        st<V, A>(p_w, out);
+      }
+    }
+  }
+  if constexpr (NORM) {
+    const V scale = normalize_scale(before, after, ld<V, A>(S.upd + x));
+    for (int64_t k = 0; k < S.K; ++k) {
+      if (S.w[k] == nullptr) continue;
+      const V wn = ld<V, A>(S.scratch + k * L);
+      const V out = clamp_weight(wn * scale, lo, hi);
+      if constexpr (LIVE) {
+        st<V, A>(S.w[k] + x, ld<V, A>(S.live[k] + x) > 0 ? out : wn);
+      } else {
+        st<V, A>(S.w[k] + x, out);
+      }
+    }
+  }
+}
+
+// A whole row: SIMD vectors of cells, then the remaining cells one by one.
+template <bool MULT, bool NORM, bool LIVE, bool ACC, typename A, typename w_t>
+void sweep_row(const SweepRow<A, w_t>& S) {
+  using V = typename Simd<A>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(A);
+  int64_t x = 0;
+  // fp16/bf16 weights with fp64 state run cell by cell (a rare pairing, and
+  // GCC 12's SLP vectoriser crashes on its vector form)
+  constexpr bool vector = !(std::is_same_v<A, double> && sizeof(w_t) == 2);
+  if constexpr (vector) {
+    for (; x + L <= S.W; x += L) sweep_cells<MULT, NORM, LIVE, ACC, V>(S, x);
+  }
+  for (; x < S.W; ++x) sweep_cells<MULT, NORM, LIVE, ACC, A>(S, x);
+}
+
+// f(std::bool_constant<a>, ...) for four run-time flags.
+template <typename F>
+inline void with_flags(bool a, bool b, bool c, bool d, F&& f) {
+  auto pick = [](bool v, auto&& g) {
+    if (v) {
+      g(std::true_type{});
+    } else {
+      g(std::false_type{});
+    }
+  };
+  pick(a, [&](auto A_) {
+    pick(b, [&](auto B_) { pick(c, [&](auto C_) { pick(d, [&](auto D_) { f(A_, B_, C_, D_); }); }); });
+  });
+}
+
+}  // namespace cpu
+}  // namespace cellkern
