@@ -88,6 +88,8 @@ struct CellFields {
 // last sum their terms into (c0, c1), the last one's terms go straight into
 // the one read-update-write of w (sweep_row: cells outer, offsets inner, so
 // a cell's Σ|w| and scale stay in registers).
+constexpr int64_t kPrefetchRows = 2;  // w rows ahead (see sweep_cells)
+
 template <bool MULT, bool NORM, bool LIVE, bool ACC, typename w_t, typename A>
 void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const bool* m, const CellFields<A>& F,
                      int64_t r0, int64_t r1) {
@@ -197,7 +199,7 @@ void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const 
           }
           const SweepRow<A, w_t> S{W, K, w_rows.data(), xn.data(), zn.data(), yn.data(), lv.data(), a0.data(),
                                    a1.data(), cp.data(), cq.data(), cr.data(), dcell.data(), upd.data(), w_lo, w_hi,
-                                   scratch.data()};
+                                   scratch.data(), kPrefetchRows * W};
           sweep_row<MULT, NORM, LIVE, ACC>(S);
         }
       }
@@ -298,6 +300,17 @@ at::Tensor opt_tensor(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? *t : at::Tensor();
 }
 
+// A scratch tensor shaped like t, reused from call to call (per thread):
+// a fresh 8 MB buffer per step would cost its page faults every time.
+at::Tensor scratch_like(const at::Tensor& t) {
+  thread_local at::Tensor cache;
+  if (t.nbytes() > (size_t(256) << 20)) return at::empty(t.sizes(), t.options());  // not held for good
+  if (!cache.defined() || cache.scalar_type() != t.scalar_type() || cache.numel() < t.numel()) {
+    cache = at::empty({t.numel()}, t.options());
+  }
+  return cache.narrow(0, 0, t.numel()).view(t.sizes());
+}
+
 // The tensor in the accumulation type (itself when it already is).
 at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
   return (!t.defined() || t.scalar_type() == acc) ? t : t.to(acc);
@@ -373,7 +386,7 @@ void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at:
       (w.scalar_type() == at::kDouble || state == at::kDouble) ? at::kDouble : at::kFloat;
   at::Tensor ya = as_acc(t_y, acc);
   if (P.competition) {
-    at::Tensor yp = at::empty(ya.sizes(), ya.options());
+    at::Tensor yp = scratch_like(ya);
     AT_DISPATCH_FLOATING_TYPES(acc, "lateral_inhibition", [&] {
       neighbourhood_pass<0>(L, B, ya.data_ptr<scalar_t>(), scalar_t(P.beta), yp.data_ptr<scalar_t>());
     });

@@ -48,14 +48,15 @@ struct RowNeighbours {
 };
 
 // dst[R + x] = f(src[x]) for x in [0, W); the R cells on each side hold the
-// wrapped values (periodic) or 0 (zero boundary: a neighbour outside reads 0).
+// wrapped values (periodic: edge[e] is the source of the e-th padding cell,
+// left then right) or 0 (zero boundary: a neighbour outside reads 0).
 template <typename A, typename F>
-inline void load_padded(const A* src, A* dst, int64_t W, int64_t R, bool periodic, F f) {
+inline void load_padded(const A* __restrict src, A* __restrict dst, int64_t W, int64_t R, const int64_t* edge, F f) {
 #pragma omp simd
   for (int64_t x = 0; x < W; ++x) dst[R + x] = f(src[x]);
-  for (int64_t e = 1; e <= R; ++e) {
-    dst[R - e] = periodic ? f(src[wrap(-e, W)]) : A(0);
-    dst[R + W - 1 + e] = periodic ? f(src[wrap(W - 1 + e, W)]) : A(0);
+  for (int64_t e = 0; e < R; ++e) {
+    dst[R - 1 - e] = edge != nullptr ? f(src[edge[e]]) : A(0);
+    dst[R + W + e] = edge != nullptr ? f(src[edge[R + e]]) : A(0);
   }
 }
 
@@ -70,11 +71,17 @@ template <typename A>
 struct PaddedRows {
   int64_t W, R, P;
   std::vector<A> buf, zero;
-  PaddedRows(const Lattice& L) : W(L.W), R(L.reach_x), P(L.W + 2 * L.reach_x), buf(L.K * P), zero(P, A(0)) {}
+  std::vector<int64_t> edge;  // periodic x: the source cells of the padding (see load_padded)
+  PaddedRows(const Lattice& L) : W(L.W), R(L.reach_x), P(L.W + 2 * L.reach_x), buf(L.K * P), zero(P, A(0)) {
+    if (L.px) {
+      for (int64_t e = 0; e < R; ++e) edge.push_back(wrap(-1 - e, W));
+      for (int64_t e = 0; e < R; ++e) edge.push_back(wrap(W + e, W));
+    }
+  }
   template <typename F>
   void load(const Lattice& L, const RowNeighbours& nb, const A* field, F f) {
     for (size_t s = 0; s < nb.rows.size(); ++s) {
-      if (nb.rows[s] >= 0) load_padded(field + nb.rows[s] * W, buf.data() + s * P, W, R, L.px, f);
+      if (nb.rows[s] >= 0) load_padded(field + nb.rows[s] * W, buf.data() + s * P, W, R, L.px ? edge.data() : nullptr, f);
     }
   }
   // per offset k, the row whose x-th cell is the neighbour of cell x
@@ -218,9 +225,29 @@ inline void st(T* p, const V& v) {
   }
 }
 
+// |v|, min and max of scalars or SIMD vectors. On vectors of 16 floats with
+// AVX-512 these are single instructions (GCC does not see `v < 0 ? -v : v`
+// as an abs, nor the selects as min/max, because of their NaN semantics).
 template <typename V>
 inline V vabs(V v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<V, typename Simd<float>::type>) {
+    return reinterpret_cast<V>(_mm512_abs_ps(reinterpret_cast<__m512>(v)));
+  }
+#endif
   return v < 0 ? -v : v;
+}
+
+template <typename V>
+inline V vclamp(V v, V lo, V hi) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<V, typename Simd<float>::type>) {
+    // v as the second operand of each: a NaN v comes through, as in torch.clamp
+    return reinterpret_cast<V>(_mm512_max_ps(reinterpret_cast<__m512>(lo),
+                                             _mm512_min_ps(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(v))));
+  }
+#endif
+  return clamp_weight(v, lo, hi);
 }
 
 // Samples before the last: their terms of offset k summed into acc0, acc1
@@ -254,6 +281,7 @@ struct SweepRow {
   const A *p, *q, *r, *d, *upd;  // per cell: this sample's coefficients, Σ decay, any winner
   A w_min, w_max;
   A* scratch;  // K vectors: the updated weights while Σ|w| is summed (NORM only)
+  int64_t prefetch;  // elements ahead of the w being read to prefetch
 };
 
 // The cells [x, x + lanes of V) of a row, all offsets: Δw from this
@@ -269,6 +297,9 @@ inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
   for (int64_t k = 0; k < S.K; ++k) {
     if (S.w[k] == nullptr) continue;
     w_t* p_w = S.w[k] + x;
+    // the same cells of the next rows: 2·K streams of w would outrun the
+    // hardware prefetchers
+    __builtin_prefetch(p_w + S.prefetch, 1);
     const V wo = ld<V, A>(p_w);
     V c0{}, c1{};
     if constexpr (ACC) {
@@ -292,7 +323,7 @@ inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
     if constexpr (NORM) {
       st<V, A>(S.scratch + k * L, wn);
     } else {
-      const V out = clamp_weight(wn, lo, hi);
+      const V out = vclamp(wn, lo, hi);
       if constexpr (LIVE) {
         st<V, A>(p_w, ld<V, A>(S.live[k] + x) > 0 ? out : wo);
       } else {
@@ -305,7 +336,7 @@ inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
     for (int64_t k = 0; k < S.K; ++k) {
       if (S.w[k] == nullptr) continue;
       const V wn = ld<V, A>(S.scratch + k * L);
-      const V out = clamp_weight(wn * scale, lo, hi);
+      const V out = vclamp(wn * scale, lo, hi);
       if constexpr (LIVE) {
         st<V, A>(S.w[k] + x, ld<V, A>(S.live[k] + x) > 0 ? out : wn);
       } else {
