@@ -53,11 +53,13 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.propagate
+	$(PY) -m benchmarks.plasticity
 
 gpu-check: setup
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) -m pytest -q python_tests && \
-		$(PY) -m benchmarks.propagate --device cuda; \
+		$(PY) -m benchmarks.propagate --device cuda && \
+		$(PY) -m benchmarks.plasticity --device cuda; \
 	else \
 		echo "gpu-check: no CUDA device here, skipped"; \
 	fi

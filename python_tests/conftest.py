@@ -43,6 +43,16 @@ def backend_params():
             for b, d in fast_backends()]
 
 
+def all_backends():
+    """The reference itself, then every fast backend."""
+    return [pytest.param("reference", "cpu", id="reference-cpu")] + backend_params()
+
+
+def copy_state(state, device):
+    """A copy of a PlasticityState on ``device`` (``PlasticityState.to`` may share the tensors)."""
+    return ck.PlasticityState(*(t.to(device, copy=True) for t in (state.x_pre, state.x_post, state.theta)))
+
+
 def interpreted(backend: str, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 

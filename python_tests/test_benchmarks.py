@@ -57,3 +57,44 @@ def test_bc_split_and_sizes():
     n, b, c, k = 10, 2, 3, 26
     assert bytes_moved("fwd", n, b, c, k, 4) == 4 * (2 * n * b * c + k * n)
     assert bytes_moved("fwd+bwd", n, b, c, k, 4) == 4 * (5 * n * b * c + 3 * k * n)
+
+
+def test_plasticity_benchmark_quick():
+    """``python -m benchmarks.plasticity --quick`` gates and times every op on the
+    reference and on each backend with plasticity kernels, and reports the
+    fused-over-sequence speed-up."""
+    from benchmarks.plasticity import OPS, bytes_moved
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        names = ck.available_backends()
+    expected = ["reference"]
+    if "cpu" in names:
+        import cellkern.backends.cpu as cpu
+
+        if hasattr(cpu, "plasticity_"):
+            expected.append("cpu")
+    env = dict(os.environ)
+    env.pop("CELLKERN_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plasticity", "--quick", "--no-json", "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "roof" in out and "GB/s" in out and "fused/seq" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("size DxHxW"))
+    body = [line.split() for line in lines[header + 2:] if line and not line.startswith("-")]
+    rows = {(cells[2], cells[3]): cells for cells in body if len(cells) > 12}
+    for backend in expected:
+        for op in OPS:
+            assert (op, backend) in rows, f"no {op} row for {backend}:\n{out}"
+            assert rows[(op, backend)][4] in ("ok", "ref"), f"{backend} {op}: {rows[(op, backend)][4]}\n{out}"
+        assert rows[("fused", backend)][12].endswith("x"), f"no fused/seq speed-up for {backend}\n{out}"
+    # fused: w read + write, y, both traces read + write, θ read + write
+    n, b, k = 10, 3, 26
+    assert bytes_moved("fused", n, b, 4) == 4 * (2 * k * n + 5 * b * n + 2 * n)
+    assert bytes_moved("sequence", n, b, 4) == bytes_moved("fused", n, b, 4)

@@ -18,3 +18,13 @@ def test_readme_model_example_runs_and_backpropagates():
     assert logits.shape == (3, 10)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2, 3])).backward()
     assert model.w.grad is not None and model.w.grad.abs().sum() > 0
+
+
+def test_readme_plasticity_example_runs_and_moves_the_weights():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    block = next(b for b in blocks if "plasticity_step_" in b)
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    w = ns["w"]
+    assert (w != 0.5).any(), "the plasticity example should move some weights"
+    assert bool(((w >= 0.1) & (w <= 2.0)).all())

@@ -58,7 +58,7 @@ void neighbourhood_pass(const Lattice& L, int64_t B, const A* y, A param, O* out
       nb.build(L, row / L.H, row % L.H);
       for (int64_t b = 0; b < B; ++b) {
         const A* p_y = y + b * N;
-        pad.load(L, nb, p_y, Identity<A>());
+        pad.load(L, nb, row / L.H, row % L.H, b, p_y, Identity<A>());
         pad.pointers(nb, L, nbr.data());
         reduce_rows<MODE == 1>(nbr.data(), K, W, red.data());
         const A* p_yr = p_y + row * W;
@@ -118,19 +118,20 @@ void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const 
         }
       }
       for (int64_t row = r0; row < r1; ++row) {
-        nb.build(L, row / L.H, row % L.H);
+        const int64_t zr = row / L.H, yr = row % L.H;
+        nb.build(L, zr, yr);
         std::fill(dcell.begin(), dcell.end(), A(0));
         std::fill(upd.begin(), upd.end(), A(0));
         const int64_t base = row * W;
         for (int64_t b = 0; b < B; ++b) {
           const int64_t bb = b * N;
-          if (need_y) ypad.load(L, nb, F.y + bb, Identity<A>());
+          if (need_y) ypad.load(L, nb, zr, yr, b, F.y + bb, Identity<A>());
           if (P.stdp) {
-            xpad.load(L, nb, F.x_pre + bb, [e_pre](A v) { return v * e_pre; });
+            xpad.load(L, nb, zr, yr, b, F.x_pre + bb, [e_pre](A v) { return v * e_pre; });
             if (F.spikes != nullptr) {
-              zpad.load(L, nb, F.spikes + bb, Identity<A>());
+              zpad.load(L, nb, zr, yr, b, F.spikes + bb, Identity<A>());
             } else {
-              zpad.load(L, nb, F.y + bb, [thr](A v) { return v > thr ? A(1) : A(0); });
+              zpad.load(L, nb, zr, yr, b, F.y + bb, [thr](A v) { return v > thr ? A(1) : A(0); });
             }
           }
           // the post cells' coefficients for this sample
