@@ -70,6 +70,26 @@ def _stencil_tile(p_off, row, x, m_x, D, H, W, K,
     return kk, m_k, p_nbr, m_kx
 
 
+@triton.jit
+def _synapse_tile(p_off, p_w, p_mask, D, H, W, K, PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
+                  HAS_MASK: tl.constexpr, ACC: tl.constexpr, K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's ``[K_PAD, BLOCK_X]`` tile of synapses (the cells of one row
+    segment, all offsets): the cells, the neighbour addresses, the addresses in
+    ``w``, which synapses are live (neighbour inside, not masked) and their ``w``."""
+    row = tl.program_id(0).to(tl.int64)
+    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+    m_x = x < W
+    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
+    N = tl.cast(D, tl.int64) * H * W
+    p_i = row * W + x
+    p_kx = kk[:, None].to(tl.int64) * N + p_i[None, :]
+    live = m_kx
+    if HAS_MASK:
+        live = live & (tl.load(p_mask + p_kx, mask=m_kx, other=0) != 0)
+    b_w = tl.load(p_w + p_kx, mask=live, other=0.0).to(ACC)
+    return x, m_x, kk, m_k, p_nbr, m_kx, N, p_i, p_kx, live, b_w
+
+
 @triton.autotune(configs=_configs(), key=["W", "K", "WINNERS"])
 @triton.jit
 def _cell_stencil_kernel(
@@ -131,17 +151,8 @@ def _plasticity_kernel(
     with a winning sample and ``Σ_k|w'| > 0``) and clamped to ``[w_min, w_max]``.
     ``p_yp`` holds ``y'`` (the inhibited scratch under COMPETITION, else ``y``).
     """
-    row = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_x = x < W
-    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
-    N = tl.cast(D, tl.int64) * H * W
-    p_i = row * W + x
-    p_kx = kk[:, None].to(tl.int64) * N + p_i[None, :]
-    live = m_kx
-    if HAS_MASK:
-        live = live & (tl.load(p_mask + p_kx, mask=m_kx, other=0) != 0)
-    b_w = tl.load(p_w + p_kx, mask=live, other=0.0).to(ACC)
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i, p_kx, live, b_w = _synapse_tile(
+        p_off, p_w, p_mask, D, H, W, K, PZ, PY, PX, HAS_MASK, ACC, K_PAD, BLOCK_X)
 
     thr = tl.full([], threshold, ACC)
     b_gsum = tl.zeros([BLOCK_X], dtype=ACC)
@@ -253,17 +264,8 @@ def _normalize_kernel(
 ):
     """``w[k,i] ← w[k,i]·target[i]/Σ_k|w[k,i]|`` on live synapses, for cells with
     ``Σ_k|w| > 0`` (and ``where[i]``)."""
-    row = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_x = x < W
-    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
-    N = tl.cast(D, tl.int64) * H * W
-    p_i = row * W + x
-    p_kx = kk[:, None].to(tl.int64) * N + p_i[None, :]
-    live = m_kx
-    if HAS_MASK:
-        live = live & (tl.load(p_mask + p_kx, mask=m_kx, other=0) != 0)
-    b_w = tl.load(p_w + p_kx, mask=live, other=0.0).to(ACC)
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i, p_kx, live, b_w = _synapse_tile(
+        p_off, p_w, p_mask, D, H, W, K, PZ, PY, PX, HAS_MASK, ACC, K_PAD, BLOCK_X)
     b_total = tl.sum(tl.abs(b_w), axis=0)
     ok = b_total > 0
     if HAS_WHERE:
