@@ -326,3 +326,22 @@ def plot(path: Path, title: str, series: dict, xlabels, ylabel: str) -> Path | N
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+#: comparison rows that are not cellkern kernels: their failures do not fail the run
+NOT_CELLKERN = ("compile",)
+
+
+def save_results(suite: str, payload: dict, info: dict, series: dict, labels: list, title: str, ylabel: str) -> None:
+    """Write the JSON and the bar chart of one run, and say where they are."""
+    path = write_json(suite, payload, info)
+    print(f"\nwrote {path}")
+    png = plot(path.with_suffix(".png"), f"{title} on {device_slug(info)}", series, labels, ylabel)
+    if png:
+        print(f"wrote {png}")
+
+
+def exit_code(rows: list) -> int:
+    """1 when any cellkern row failed its correctness gate or raised, else 0."""
+    return int(any(r["backend"] not in NOT_CELLKERN and r["status"] in ("FAIL", "ERROR") for r in rows))
+

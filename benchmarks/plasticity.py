@@ -76,7 +76,6 @@ GATE_DIMS = (20, 18, 17)
 OPS = ("stdp", "bcm", "competition", "normalize", "sequence", "fused")
 RULE = ck.PlasticityRule()
 KERNELS = ("plasticity_", "lateral_inhibition", "local_winners", "heterosynaptic_normalize_")
-NOT_CELLKERN = ("compile",)
 K = ck.stencil(STENCIL).K
 
 
@@ -419,19 +418,12 @@ def main(argv=None) -> int:
                          "quick": args.quick, "tolerance": dict(zip(("rtol", "atol"), H.GATE_TOLERANCE[args.dtype]))},
             "backend_status": status, "notes": skip_notes, "rows": rows,
         }
-        path = H.write_json(SUITE, payload, info)
-        print(f"\nwrote {path}")
         labels = list(dict.fromkeys(f"{'x'.join(map(str, r['size']))} B={r['B']} {r['op']}" for r in rows))
         value = {(f"{'x'.join(map(str, r['size']))} B={r['B']} {r['op']}", r["backend"]): r.get("synapse_updates_per_s")
                  for r in rows if r["status"] in ("ref", "ok")}
         series = {name: [value.get((lab, name)) for lab in labels] for name in args.backends}
-        png = H.plot(path.with_suffix(".png"), f"plasticity on {H.device_slug(info)}", series, labels,
-                     "synapse-updates/s (K·N per call)")
-        if png:
-            print(f"wrote {png}")
-
-    failed = [r for r in rows if r["backend"] not in NOT_CELLKERN and r["status"] in ("FAIL", "ERROR")]
-    return 1 if failed else 0
+        H.save_results(SUITE, payload, info, series, labels, "plasticity", "synapse-updates/s (K·N per call)")
+    return H.exit_code(rows)
 
 
 if __name__ == "__main__":

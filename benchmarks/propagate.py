@@ -77,7 +77,6 @@ DEFAULT_BC = ("1", "16")
 QUICK_SIZES = ("6,5,7",)
 QUICK_BC = ("16",)
 PASSES = ("fwd", "fwd+bwd")
-NOT_CELLKERN = ("compile",)
 
 
 def parse_size(text: str) -> tuple:
@@ -429,19 +428,12 @@ def main(argv=None) -> int:
             "backend_status": status,
             "rows": rows,
         }
-        path = H.write_json(SUITE, payload, info)
-        print(f"\nwrote {path}")
         labels = [f"{'x'.join(map(str, r['size']))} {r['B']}x{r['C']} {r['pass']}"
                   for r in rows if r["backend"] == args.backends[0]]
         series = {name: [r.get("synapse_updates_per_s") if r["status"] in ("ref", "ok") else None
                          for r in rows if r["backend"] == name] for name in args.backends}
-        png = H.plot(path.with_suffix(".png"), f"propagate on {H.device_slug(info)}", series, labels,
-                     "synapse-updates/s")
-        if png:
-            print(f"wrote {png}")
-
-    failed = [r for r in rows if r["backend"] not in NOT_CELLKERN and r["status"] in ("FAIL", "ERROR")]
-    return 1 if failed else 0
+        H.save_results(SUITE, payload, info, series, labels, "propagate", "synapse-updates/s")
+    return H.exit_code(rows)
 
 
 if __name__ == "__main__":

@@ -43,31 +43,7 @@ import triton.language as tl
 from .. import new_output
 from ..reference import accumulation_dtype
 from ...stencil import Geometry
-from .propagate import _INTERPRET, _TL_ACC, _configs, _mask_u8, _neighbour, _on
-
-
-@triton.jit
-def _stencil_tile(p_off, row, x, m_x, D, H, W, K,
-                  PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, K_PAD: tl.constexpr):
-    """The ``[K_PAD, BLOCK_X]`` neighbour tile of cells ``x`` of lattice row ``row``.
-
-    Returns the offset index ``kk``, its mask, the int64 neighbour index
-    ``nbr(i,k)`` and whether that neighbour exists (inside a zero boundary, ``k < K``,
-    ``x < W``).
-    """
-    z = row // H
-    y = row % H
-    kk = tl.arange(0, K_PAD)
-    m_k = kk < K
-    dz = tl.load(p_off + 3 * kk, mask=m_k, other=0)
-    dy = tl.load(p_off + 3 * kk + 1, mask=m_k, other=0)
-    dx = tl.load(p_off + 3 * kk + 2, mask=m_k, other=0)
-    zz, ok_z = _neighbour(z, dz, D, PZ)
-    yy, ok_y = _neighbour(y, dy, H, PY)
-    xx, ok_x = _neighbour(x[None, :], dx[:, None], W, PX)
-    m_kx = (m_k & ok_z & ok_y)[:, None] & ok_x & m_x[None, :]
-    p_nbr = ((zz * H + yy) * W)[:, None] + xx
-    return kk, m_k, p_nbr, m_kx
+from .propagate import _INTERPRET, _TL_ACC, _configs, _mask_u8, _on, _stencil_tile
 
 
 @triton.jit

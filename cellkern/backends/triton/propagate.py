@@ -259,6 +259,30 @@ def _gather_bwd_kernel(
     tl.store(p_out + p_j, b_acc.to(p_out.dtype.element_ty), mask=m_o)
 
 
+@triton.jit
+def _stencil_tile(p_off, row, x, m_x, D, H, W, K,
+                  PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, K_PAD: tl.constexpr):
+    """The ``[K_PAD, BLOCK_X]`` neighbour tile of cells ``x`` of lattice row ``row``.
+
+    Returns the offset index ``kk``, its mask, the int64 neighbour index
+    ``nbr(i,k)`` and whether that neighbour exists (inside a zero boundary, ``k < K``,
+    ``x < W``).
+    """
+    z = row // H
+    y = row % H
+    kk = tl.arange(0, K_PAD)
+    m_k = kk < K
+    dz = tl.load(p_off + 3 * kk, mask=m_k, other=0)
+    dy = tl.load(p_off + 3 * kk + 1, mask=m_k, other=0)
+    dx = tl.load(p_off + 3 * kk + 2, mask=m_k, other=0)
+    zz, ok_z = _neighbour(z, dz, D, PZ)
+    yy, ok_y = _neighbour(y, dy, H, PY)
+    xx, ok_x = _neighbour(x[None, :], dx[:, None], W, PX)
+    m_kx = (m_k & ok_z & ok_y)[:, None] & ok_x & m_x[None, :]
+    p_nbr = ((zz * H + yy) * W)[:, None] + xx
+    return kk, m_k, p_nbr, m_kx
+
+
 @triton.autotune(configs=_configs(), key=["W", "BC", "K", "HAS_MASK", "FROM_U"])
 @triton.jit
 def _weight_grad_kernel(
@@ -276,22 +300,10 @@ def _weight_grad_kernel(
     row and all ``K`` offsets, and loops over ``b, c``: each ``e`` is formed once.
     """
     row = tl.program_id(0).to(tl.int64)
-    z = row // H
-    y = row % H
     x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
     m_x = x < W
-    kk = tl.arange(0, K_PAD)
-    m_k = kk < K
+    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
     N = tl.cast(D, tl.int64) * H * W
-
-    dz = tl.load(p_off + 3 * kk, mask=m_k, other=0)
-    dy = tl.load(p_off + 3 * kk + 1, mask=m_k, other=0)
-    dx = tl.load(p_off + 3 * kk + 2, mask=m_k, other=0)
-    zz, ok_z = _neighbour(z, dz, D, PZ)
-    yy, ok_y = _neighbour(y, dy, H, PY)
-    xx, ok_x = _neighbour(x[None, :], dx[:, None], W, PX)
-    m_kx = (m_k & ok_z & ok_y)[:, None] & ok_x & m_x[None, :]
-    p_nbr = ((zz * H + yy) * W)[:, None] + xx
     p_i = row * W + x
 
     b_acc = tl.zeros([K_PAD, BLOCK_X], dtype=ACC)
