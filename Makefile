@@ -57,9 +57,7 @@ bench: setup
 
 gpu-check: setup
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(PY) -m pytest -q python_tests && \
-		$(PY) -m benchmarks.propagate --device cuda && \
-		$(PY) -m benchmarks.plasticity --device cuda; \
+		PY=$(PY) tools/gpu_check.sh; \
 	else \
 		echo "gpu-check: no CUDA device here, skipped"; \
 	fi
