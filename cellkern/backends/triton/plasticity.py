@@ -43,7 +43,7 @@ import triton.language as tl
 from .. import new_output
 from ..reference import accumulation_dtype
 from ...stencil import Geometry
-from .propagate import _INTERPRET, _TL_ACC, _configs, _mask_u8, _on, _stencil_tile
+from .propagate import TILE_TUNING, _INTERPRET, _TL_ACC, _configs, _mask_u8, _on, _stencil_tile, _tile_grid
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _synapse_tile(p_off, p_w, p_mask, D, H, W, K, PZ: tl.constexpr, PY: tl.const
     return x, m_x, kk, m_k, p_nbr, m_kx, N, p_i, p_kx, live, b_w
 
 
-@triton.autotune(configs=_configs(), key=["W", "K", "WINNERS"])
+@triton.autotune(key=["D", "H", "W", "K", "WINNERS"], **TILE_TUNING)
 @triton.jit
 def _cell_stencil_kernel(
     p_y, p_off, p_out,
@@ -102,10 +102,10 @@ def _cell_stencil_kernel(
 
 
 @triton.autotune(
-    configs=_configs(),
-    key=["W", "K", "HAS_MASK", "HAS_Y", "HAS_SPIKES", "HAS_GATE", "HAS_LR", "STDP", "BCM", "COMPETITION",
+    key=["D", "H", "W", "K", "HAS_MASK", "HAS_Y", "HAS_SPIKES", "HAS_GATE", "HAS_LR", "STDP", "BCM", "COMPETITION",
          "NORMALIZE", "MULTIPLICATIVE"],
     restore_value=["p_w"],  # in place: each timed config must start from the same w
+    **TILE_TUNING,
 )
 @triton.jit
 def _plasticity_kernel(
@@ -230,7 +230,7 @@ def _cell_state_kernel(
         tl.store(p_theta + p_i, b_theta.to(p_theta.dtype.element_ty), mask=m_i)
 
 
-@triton.autotune(configs=_configs(), key=["W", "K", "HAS_MASK", "HAS_WHERE"], restore_value=["p_w"])
+@triton.autotune(key=["D", "H", "W", "K", "HAS_MASK", "HAS_WHERE"], restore_value=["p_w"], **TILE_TUNING)
 @triton.jit
 def _normalize_kernel(
     p_w, p_mask, p_off, p_target, p_where,
@@ -251,23 +251,6 @@ def _normalize_kernel(
     tl.store(p_w + p_kx, (b_w * b_scale[None, :]).to(p_w.dtype.element_ty), mask=live)
 
 
-def _tile(K: int, W: int) -> tuple:
-    """``(K_PAD, BLOCK_X)``: all offsets of a row segment of at least 16 cells
-    (64-byte rows of each offset plane: whole sectors), up to 512 synapses a
-    program. The main kernel keeps ~5 tile-sized values live (w, three batch
-    sums, neighbour addresses): ~95 registers a thread at 4 warps for 512,
-    ~160 for 1024 (sm_90, ptxas), so 512 keeps 20–32 warps an SM resident
-    without spills; 8 cells under the interpreter."""
-    k_pad = triton.next_power_of_2(K)
-    if _INTERPRET:
-        return k_pad, min(triton.next_power_of_2(W), 8)
-    return k_pad, max(16, min(triton.next_power_of_2(W), max(1, 512 // k_pad), 128))
-
-
-def _cells_grid(D: int, H: int, W: int, block_x: int) -> tuple:
-    return (D * H, triton.cdiv(W, block_x))
-
-
 def _readable(t):
     """A bool per-cell tensor as uint8 (Triton loads it as 0/1); others as they are."""
     return t.view(torch.uint8) if t is not None and t.dtype == torch.bool else t
@@ -275,12 +258,11 @@ def _readable(t):
 
 def _cell_stencil(y, geom: Geometry, out, acc_t, beta: float, threshold: float, winners: bool):
     B, D, H, W = y.shape
-    k_pad, block_x = _tile(geom.K, W)
-    _cell_stencil_kernel[_cells_grid(D, H, W, block_x)](
+    _cell_stencil_kernel[_tile_grid(D, H, W)](
         y, geom.offsets_on(y.device, torch.int32), out,
         float(beta), float(threshold), B, D, H, W, geom.K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
-        WINNERS=winners, ACC=_TL_ACC[acc_t], K_PAD=k_pad, BLOCK_X=block_x,
+        WINNERS=winners, ACC=_TL_ACC[acc_t], K_PAD=triton.next_power_of_2(geom.K),
     )
     return out
 
@@ -315,9 +297,8 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
         yp = y if need_y else None
         if need_y and p.competition:
             yp = _cell_stencil(y, geom, new_output(y.shape, acc_t, y.device), acc_t, p.beta, 0.0, False)
-        k_pad, block_x = _tile(K, W)
         m = _mask_u8(mask)
-        _plasticity_kernel[_cells_grid(D, H, W, block_x)](
+        _plasticity_kernel[_tile_grid(D, H, W)](
             w, m if m is not None else w, geom.offsets_on(w.device, torch.int32),
             *(t if t is not None else w for t in (yp, spikes, x_pre, x_post, theta, gate, lr)),
             float(p.a_plus), float(p.a_minus), float(p.decay_pre), float(p.decay_post),
@@ -327,7 +308,7 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
             HAS_MASK=m is not None, HAS_Y=yp is not None, HAS_SPIKES=spikes is not None,
             HAS_GATE=gate is not None, HAS_LR=lr is not None, STDP=bool(p.stdp), BCM=bool(p.bcm),
             COMPETITION=bool(p.competition), NORMALIZE=bool(p.normalize), MULTIPLICATIVE=bool(p.multiplicative),
-            ACC=_TL_ACC[acc_t], K_PAD=k_pad, BLOCK_X=block_x,
+            ACC=_TL_ACC[acc_t], K_PAD=triton.next_power_of_2(K),
         )
         if p.stdp or p.bcm:
             n, block = D * H * W, (64 if _INTERPRET else 1024)
@@ -345,15 +326,14 @@ def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
     ``Σ_k |w[k,i]| = target[i]``; cells whose live Σ|w| is 0 stay as they are."""
     K, D, H, W = w.shape
     acc_t = torch.float64 if torch.float64 in (w.dtype, target.dtype) else torch.float32
-    k_pad, block_x = _tile(K, W)
     m = _mask_u8(mask)
     wh = _readable(where)
     with _on(w):
-        _normalize_kernel[_cells_grid(D, H, W, block_x)](
+        _normalize_kernel[_tile_grid(D, H, W)](
             w, m if m is not None else w, geom.offsets_on(w.device, torch.int32), target,
             wh if wh is not None else target,
             D, H, W, K,
             PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
             HAS_MASK=m is not None, HAS_WHERE=wh is not None, ACC=_TL_ACC[acc_t],
-            K_PAD=k_pad, BLOCK_X=block_x,
+            K_PAD=triton.next_power_of_2(K),
         )

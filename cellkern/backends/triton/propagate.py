@@ -56,6 +56,38 @@ def _configs():
     return [triton.Config({}, num_warps=nw) for nw in (4, 8)]
 
 
+def _tile_configs():
+    """``BLOCK_X`` × num_warps candidates of the kernels whose program owns a
+    ``[K_PAD, BLOCK_X]`` tile (all offsets of ``BLOCK_X`` cells of one row).
+
+    On a GPU the autotuner picks among 16/32/64 cells (64-256-byte row segments
+    per offset plane) and 4/8 warps; :func:`_prune_tiles` keeps one candidate
+    for small lattices, where tuning costs more than it saves. One fixed small
+    tile under the interpreter (tiny test lattices still cross tile edges).
+    """
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_X": 8}, num_warps=4)]
+    return [triton.Config({"BLOCK_X": bx}, num_warps=nw) for bx in (16, 32, 64) for nw in (4, 8)]
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Tiles no wider than the row (≥ 16); only the first candidate below 2¹⁸ cells."""
+    W = named_args["W"]
+    cap = max(16, triton.next_power_of_2(W))
+    keep = [c for c in configs if c.kwargs["BLOCK_X"] <= cap]
+    if named_args["D"] * named_args["H"] * W < 2**18:
+        keep = keep[:1]
+    return keep or configs[:1]
+
+
+TILE_TUNING = dict(configs=_tile_configs(), prune_configs_by={"early_config_prune": _prune_tiles})
+
+
+def _tile_grid(D: int, H: int, W: int):
+    """Grid of the tile kernels: one row per axis-0 program, x-blocks on axis 1."""
+    return lambda meta: (D * H, triton.cdiv(W, meta["BLOCK_X"]))
+
+
 @triton.jit
 def _neighbour(pos, d, n, PERIODIC: tl.constexpr):
     """Index ``pos + d`` along an axis of length ``n`` and whether it exists.
@@ -144,7 +176,7 @@ def _activate_grad(u, ACT: tl.constexpr):
 
 @triton.jit
 def _stencil_gather(
-    p_src, p_w, p_mask, p_off, p_bc, m_bc, row, z, y, x, m_x, N, D, H, W, K,
+    p_src, p_w, p_mask, p_off, p_bc, m_bc, row, z, y, x, m_x, N, D, H, W, K: tl.constexpr,
     PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
     HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr, ACC: tl.constexpr,
     BLOCK_BC: tl.constexpr, BLOCK_X: tl.constexpr, K_BLOCK: tl.constexpr,
@@ -155,14 +187,15 @@ def _stencil_gather(
     ``w`` row segment read once per ``k`` at the program's own cells.
     Transposed: ``Σ_k m[k,j-o_k]·w[k,j-o_k]·src[bc, j-o_k]``; the source
     ``j - o_k`` must exist (zero) or wraps (periodic), and then ``nbr(j-o_k, k) = j``.
-    ``K_BLOCK`` offsets per iteration: 1 on GPU; all of them in the interpreter,
-    whose cost is per operation, not per element.
+    ``K_BLOCK`` offsets per iteration: 1 on GPU, where the loop over ``K`` (a
+    constexpr) is unrolled so that all offsets' loads are in flight at once; all
+    of them in the interpreter, whose cost is per operation, not per element.
     """
     kk = tl.arange(0, K_BLOCK)
     p_i = row * W + x
     m_bcx = m_bc[None, :, None]
     b_acc = tl.zeros([BLOCK_BC, BLOCK_X], dtype=ACC)
-    for k0 in range(0, K, K_BLOCK):
+    for k0 in tl.static_range(0, K, K_BLOCK):
         k = k0 + kk
         m_k = k < K
         dz = tl.load(p_off + 3 * k, mask=m_k, other=0)
@@ -193,7 +226,7 @@ def _stencil_gather(
 def _gather_fwd_kernel(
     p_s, p_w, p_mask, p_off, p_x, p_bias, p_out, p_u,
     leak: tl.float64,
-    BC, C, D, H, W, K,
+    BC, C, D, H, W, K: tl.constexpr,
     PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_X: tl.constexpr, HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, SAVE_U: tl.constexpr, ACC: tl.constexpr,
@@ -235,7 +268,7 @@ def _gather_fwd_kernel(
 def _gather_bwd_kernel(
     p_g, p_w, p_mask, p_off, p_res, p_out,
     res_coef: tl.float64,
-    BC, D, H, W, K,
+    BC, D, H, W, K: tl.constexpr,
     PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr,
     BLOCK_BC: tl.constexpr, BLOCK_X: tl.constexpr, K_BLOCK: tl.constexpr,
@@ -283,7 +316,7 @@ def _stencil_tile(p_off, row, x, m_x, D, H, W, K,
     return kk, m_k, p_nbr, m_kx
 
 
-@triton.autotune(configs=_configs(), key=["W", "BC", "K", "HAS_MASK", "FROM_U"])
+@triton.autotune(key=["D", "H", "W", "BC", "K", "HAS_MASK", "FROM_U"], **TILE_TUNING)
 @triton.jit
 def _weight_grad_kernel(
     p_g, p_u, p_s, p_mask, p_off, p_dw, p_du,
@@ -412,11 +445,7 @@ def _weight_grad(g, s, mask, geom: Geometry, w_dtype, u=None, leak: float = 1.0,
     acc_t = accumulation_dtype(s.dtype)
     dw = new_output((K, D, H, W), w_dtype, s.device)
     k_pad = triton.next_power_of_2(K)
-    if _INTERPRET:
-        block_x = min(triton.next_power_of_2(W), 8)
-    else:
-        block_x = max(16, min(triton.next_power_of_2(W), max(1, 2048 // k_pad), 128))
-    grid = (D * H, triton.cdiv(W, block_x))
+    grid = _tile_grid(D, H, W)
     m = _mask_u8(mask)
     _weight_grad_kernel[grid](
         g, u if u is not None else g, s, m if m is not None else s, geom.offsets_on(s.device, torch.int32),
@@ -424,7 +453,7 @@ def _weight_grad(g, s, mask, geom: Geometry, w_dtype, u=None, leak: float = 1.0,
         float(leak), B * C, D, H, W, K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
         HAS_MASK=m is not None, FROM_U=u is not None, WRITE_DU=du is not None, ACT=act,
-        ACC=_TL_ACC[acc_t], K_PAD=k_pad, BLOCK_X=block_x,
+        ACC=_TL_ACC[acc_t], K_PAD=k_pad,
     )
     return dw
 
