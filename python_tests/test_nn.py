@@ -114,3 +114,15 @@ def test_errors():
         ck.nn.Lattice3d(DIMS).plasticity_step()
     with pytest.raises(RuntimeError, match="built with rule=None"):
         ck.nn.Lattice3d(DIMS, rule=None).plasticity_step()
+
+
+def test_example_classifier_learns():
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "lattice_classifier.py"
+    spec = importlib.util.spec_from_file_location("lattice_classifier", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--epochs", "1"]) > 0.5  # chance is 0.1
