@@ -4,7 +4,8 @@
 # already has a CUDA torch (PY, default python3); installs nothing.
 #   tools/gpu_check.sh [OUTDIR]       logs and JSON results go to OUTDIR too
 # Env: GPU_CHECK_BUILD=1 builds the extension first; GPU_CHECK_JOBS (pytest -n);
-#      GPU_CHECK_BENCH="propagate plasticity" which benchmarks to run.
+#      GPU_CHECK_BENCH="propagate plasticity" which benchmarks to run;
+#      GPU_CHECK_K: a pytest -k expression; GPU_CHECK_ARGS_<bench>: options of one benchmark.
 set -u
 PY=${PY:-python3}
 OUT=${1:-benchmarks/results}
@@ -15,18 +16,19 @@ log() { echo "== $(date +%T) $*"; }
 log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"
 if [ "${GPU_CHECK_BUILD:-0}" = 1 ]; then
-  log "build"; MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
+  log "build"; CELLKERN_CUDA=${CELLKERN_CUDA:-1} MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
 fi
 $PY -m cellkern.info || status=1
 log "tests"
 jobs=${GPU_CHECK_JOBS:-8}
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n $jobs"
-timeout ${GPU_CHECK_TEST_TIMEOUT:-1200} $PY -m pytest -q -rfE $xdist -p no:cacheprovider ${GPU_CHECK_PYTEST:-python_tests} --maxfail=40 \
+timeout ${GPU_CHECK_TEST_TIMEOUT:-1200} $PY -m pytest -q -rfE $xdist -p no:cacheprovider ${GPU_CHECK_PYTEST:-python_tests} ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} --maxfail=40 \
    --junitxml="$OUT/pytest.xml" -o junit_family=xunit2 2>&1 | tail -${GPU_CHECK_TAIL:-80}
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 for b in ${GPU_CHECK_BENCH:-propagate plasticity}; do
   log "benchmark $b"
-  timeout ${GPU_CHECK_BENCH_TIMEOUT:-1200} $PY -m benchmarks.$b --device cuda ${GPU_CHECK_BENCH_ARGS:-} || status=1
+  extra=GPU_CHECK_ARGS_$b
+  timeout ${GPU_CHECK_BENCH_TIMEOUT:-1200} $PY -m benchmarks.$b --device cuda ${GPU_CHECK_BENCH_ARGS:-} ${!extra:-} || status=1
 done
 cp benchmarks/results/*cuda* benchmarks/results/*h100* benchmarks/results/*h200* "$OUT/" 2>/dev/null
 log "done, status $status"
