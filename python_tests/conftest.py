@@ -15,6 +15,14 @@ import pytest  # noqa: E402
 import cellkern as ck  # noqa: E402
 from cellkern import backends  # noqa: E402
 
+if os.environ.get("CELLKERN_CUDA_EMULATION") == "1":
+    # the CUDA kernels of csrc/cuda, compiled as host code, serve as the "cpu"
+    # backend: every cpu case of the suite then checks them against the
+    # reference (python_tests/test_cuda_emulation.py runs this)
+    from cuda_emulation import emulated_backend  # noqa: E402
+
+    backends._modules["cpu"] = emulated_backend()
+
 #: (rtol, atol) of a backend against the reference computed in float64
 TOL = {
     torch.float64: (1e-10, 1e-10),
