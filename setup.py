@@ -155,21 +155,35 @@ def _compile_cu(nvcc, sources, out_dir, jobs) -> list:
         return list(pool.map(one, sources))
 
 
-def _cudart_dir(nvcc, cuda_home) -> str:
-    """The folder of libcudart.so: under $CUDA_HOME, torch's CUDA_HOME, the
-    toolkit of nvcc or /usr/local/cuda (lib64, lib or targets/<arch>/lib)."""
+def _cudart(nvcc, cuda_home) -> tuple:
+    """``(folder, library)`` of the CUDA runtime to link: libcudart.so under
+    $CUDA_HOME, torch's CUDA_HOME, the toolkit of nvcc or /usr/local/cuda (lib64,
+    lib or targets/<arch>/lib), else a versioned libcudart.so.N there or in the
+    pip-installed NVIDIA runtime next to torch (linked by its file name)."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cuda_home,
              os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
-    for home in filter(None, homes):
-        for sub in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib")):
-            if os.path.exists(os.path.join(home, sub, "libcudart.so")):
-                return os.path.join(home, sub)
-    raise RuntimeError(f"libcudart.so not found under any of {[h for h in homes if h]} (set CUDA_HOME)")
+    dirs = [os.path.join(home, sub) for home in filter(None, homes)
+            for sub in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib"))]
+    try:
+        import torch
+
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
+    except ImportError:  # pragma: no cover - torch is a build requirement
+        pass
+    for d in dirs:
+        if os.path.exists(os.path.join(d, "libcudart.so")):
+            return d, "cudart"
+    for d in dirs:
+        versioned = sorted(glob.glob(os.path.join(d, "libcudart.so.[0-9]*")))
+        if versioned:
+            return d, ":" + os.path.basename(versioned[0])
+    raise RuntimeError(f"libcudart.so not found in any of {dirs} (set CUDA_HOME)")
 
 
 def _cuda_extension(CppExtension, nvcc, cuda_home, cxx_flags):
     """``cellkern._C_cuda``: the glue, linked with the nvcc objects and libcudart."""
-    lib_dir = _cudart_dir(nvcc, cuda_home)
+    lib_dir, cudart = _cudart(nvcc, cuda_home)
     cu = sorted(os.path.join(ROOT, p) for p in glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     ext = CppExtension(
         name="cellkern._C_cuda",
@@ -177,7 +191,7 @@ def _cuda_extension(CppExtension, nvcc, cuda_home, cxx_flags):
         include_dirs=[os.path.join(ROOT, CSRC)],
         extra_compile_args={"cxx": [f for f in cxx_flags if f != "-fopenmp"]},
         library_dirs=[lib_dir],
-        libraries=["cudart"],
+        libraries=[cudart],
         extra_link_args=[f"-Wl,-rpath,{lib_dir}"],
     )
     ext.cu_sources, ext.nvcc = cu, nvcc  # compiled by build_ext (cmdclass) before the link

@@ -102,6 +102,8 @@ Lattice make_lattice(int64_t BC, int64_t C, int64_t D, int64_t H, int64_t W, con
   TORCH_CHECK(D * H * W < (int64_t(1) << 31), "cellkern_cuda: lattices of 2^31 cells or more are not supported, got ",
               D, "x", H, "x", W);
   TORCH_CHECK(W <= int64_t(65535) * 128, "cellkern_cuda: W must be at most ", int64_t(65535) * 128, ", got ", W);
+  TORCH_CHECK(offsets.size(0) <= 3072, "cellkern_cuda: stencils of at most 3072 offsets (the table lives in 48 KiB "
+              "of shared memory), got ", offsets.size(0));
   Lattice L;
   L.BC = BC;
   L.C = C;

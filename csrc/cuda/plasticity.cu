@@ -157,7 +157,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       if (k < K && ((live >> k) & 1u)) {
-        store_stream(p_w + int64_t(k) * N + c.i, from_acc<W>(clamp_weight(dw[k] * scale, lo, hi)));
+        // a weight that comes out as it went in is not written back: the
+        // cells that learn nothing this step (most, under competition) cost
+        // a read of w only
+        const A v = clamp_weight(dw[k] * scale, lo, hi);
+        if (!(v == wv[k])) store_stream(p_w + int64_t(k) * N + c.i, from_acc<W>(v));
       }
     }
   } else {
@@ -190,7 +194,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int64_t wi = int64_t(k) * N + c.i;
       const int j = nbr_of(L, c, s_off[k]);
       if (j < 0 || (p_m != nullptr && !p_m[wi])) continue;
-      p_w[wi] = from_acc<W>(clamp_weight(updated(j, to_acc<A>(p_w[wi])) * scale, lo, hi));
+      const A w0 = to_acc<A>(p_w[wi]);
+      const A v = clamp_weight(updated(j, w0) * scale, lo, hi);
+      if (!(v == w0)) p_w[wi] = from_acc<W>(v);
     }
   }
 }
@@ -249,7 +255,9 @@ __global__ void __launch_bounds__(kThreads)
     const A scale = normalize_scale(p_target[c.i], total, ok);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
-      if (k < K && ((live >> k) & 1u)) store_stream(p_w + int64_t(k) * N + c.i, from_acc<W>(wv[k] * scale));
+      if (k < K && ((live >> k) & 1u) && !(scale == A(1))) {
+        store_stream(p_w + int64_t(k) * N + c.i, from_acc<W>(wv[k] * scale));
+      }
     }
   } else {
     for (int k = 0; k < L.K; ++k) {
@@ -259,7 +267,7 @@ __global__ void __launch_bounds__(kThreads)
     const A scale = normalize_scale(p_target[c.i], total, ok);
     for (int k = 0; k < L.K; ++k) {
       const int64_t wi = int64_t(k) * N + c.i;
-      if (is_live(k, wi)) p_w[wi] = from_acc<W>(to_acc<A>(p_w[wi]) * scale);
+      if (is_live(k, wi) && !(scale == A(1))) p_w[wi] = from_acc<W>(to_acc<A>(p_w[wi]) * scale);
     }
   }
 }
