@@ -3,7 +3,8 @@
 # built) on the GPU, then the benchmarks on CUDA tensors. Uses the python that
 # already has a CUDA torch (PY, default python3); installs nothing.
 #   tools/gpu_check.sh [OUTDIR]       logs and JSON results go to OUTDIR too
-# Env: GPU_CHECK_BUILD=1 builds the extension first; GPU_CHECK_JOBS (pytest -n);
+# Env: GPU_CHECK_BUILD=1 builds the extension first, with the CUDA C++ kernels
+#      (CELLKERN_CUDA=1, TORCH_CUDA_ARCH_LIST default 9.0); GPU_CHECK_JOBS (pytest -n);
 #      GPU_CHECK_BENCH="propagate plasticity" which benchmarks to run.
 set -u
 PY=${PY:-python3}
@@ -15,7 +16,11 @@ log() { echo "== $(date +%T) $*"; }
 log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
 $PY -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"
 if [ "${GPU_CHECK_BUILD:-0}" = 1 ]; then
-  log "build"; MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
+  log "build"; CELLKERN_CUDA=${CELLKERN_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
+  if [ "${CELLKERN_CUDA:-1}" = 1 ]; then
+    $PY -c "import cellkern as ck, sys; s = ck.backend_status()['cuda']; print('cuda backend:', s); sys.exit(s != 'available')" || status=1
+  fi
 fi
 $PY -m cellkern.info || status=1
 log "tests"
