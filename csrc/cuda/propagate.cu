@@ -24,7 +24,10 @@ namespace cellkern {
 namespace cuda {
 namespace {
 
-template <typename T, int KT>
+// PLANE (B·C = 1, K = 26): no (b, c) to reuse the weights for, so nothing is
+// kept in registers (a quarter of the registers: more warps, every load in
+// flight at once).
+template <typename T, int KT, bool PLANE>
 __global__ void __launch_bounds__(kThreads)
     gather_forward_kernel(const Lattice L, const T* __restrict__ p_s, const T* __restrict__ p_w,
                           const uint8_t* __restrict__ p_m, const T* __restrict__ p_x, const T* __restrict__ p_bias,
@@ -48,7 +51,19 @@ __global__ void __launch_bounds__(kThreads)
     if (p_u != nullptr) p_u[o] = acc;
     p_out[o] = from_acc<T>(keep * to_acc<A>(p_s[o]) + alpha * act_fn(act, acc));
   };
-  if constexpr (KT > 0) {
+  if constexpr (PLANE) {
+    A acc = A(0);
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      const int64_t wi = int64_t(k) * N + c.i;
+      const A wv = to_acc<A>(load_stream(p_w + wi));
+      const int j = nbr_of(L, c, s_off[k]);
+      const bool on = j >= 0 && (p_m == nullptr || p_m[wi]);
+      const A sv = to_acc<A>(p_s[on ? j : c.i]);
+      acc += on ? wv * sv : A(0);
+    }
+    epilogue(0, acc);
+  } else if constexpr (KT > 0) {
     const int K = KT == 26 ? 26 : L.K;
     A wk[KT];
     int nb[KT];
@@ -237,7 +252,16 @@ const char* gather_forward(const Lattice& L, Dtype t, const void* s, const void*
   return with_dtype(t, [&](auto tag) {
     using T = decltype(tag);
     return with_k(L.K, [&](auto kt) {
-      CK_LAUNCH(sh, stream, gather_forward_kernel<T, decltype(kt)::value>)(
+      constexpr int KT = decltype(kt)::value;
+      if constexpr (KT == 26) {
+        if (L.BC == 1) {
+          CK_LAUNCH(sh, stream, gather_forward_kernel<T, KT, true>)(
+              L, static_cast<const T*>(s), static_cast<const T*>(w), mask, static_cast<const T*>(x),
+              static_cast<const T*>(bias), propagate, leak, act, static_cast<T*>(out), static_cast<acc_of<T>*>(u));
+          return launched();
+        }
+      }
+      CK_LAUNCH(sh, stream, gather_forward_kernel<T, KT, false>)(
           L, static_cast<const T*>(s), static_cast<const T*>(w), mask, static_cast<const T*>(x),
           static_cast<const T*>(bias), propagate, leak, act, static_cast<T*>(out), static_cast<acc_of<T>*>(u));
       return launched();
