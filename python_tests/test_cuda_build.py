@@ -81,3 +81,44 @@ def test_every_cu_file_compiles_without_warnings(tmp_path):
     assert not failures, "\n".join(failures)
     for src in CU_FILES:
         assert (tmp_path / (os.path.basename(src) + ".o")).stat().st_size > 0
+
+
+def _setup_functions(*names):
+    """Functions of setup.py, without running setup() (it builds on import)."""
+    import ast
+
+    path = os.path.join(ROOT, "setup.py")
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    keep = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
+    ns = {"os": os, "glob": glob, "shutil": shutil, "CSRC": CSRC, "ROOT": ROOT}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)  # noqa: S102 - our own setup.py
+    return [ns[n] for n in names]
+
+
+def test_arch_list_reaches_nvcc():
+    (arch,) = _setup_functions("cuda_arch_flags")
+    assert arch("9.0") == ["-gencode=arch=compute_90,code=sm_90"]
+    assert arch("8.0;9.0+PTX") == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                                   "-gencode=arch=compute_90,code=compute_90"]
+    assert arch("8.6 9.0a") == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_90a,code=sm_90a"]
+    assert arch("") == arch("8.0;9.0+PTX")  # the default: sm_80, sm_90 and PTX for newer GPUs
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        arch("Hopper")
+
+
+def test_cellkern_cuda_switch(monkeypatch):
+    """CELLKERN_CUDA=0 skips the CUDA kernels, =1 forces them (an error without
+    nvcc); unset, they follow torch's CUDA and nvcc."""
+    flag, want = _setup_functions("_flag", "_want_cuda")
+    want.__globals__["_flag"] = flag
+    cuda_torch = type("T", (), {"version": type("V", (), {"cuda": "13.0"})})
+    cpu_torch = type("T", (), {"version": type("V", (), {"cuda": None})})
+    monkeypatch.delenv("CELLKERN_CUDA", raising=False)
+    assert want(cuda_torch, "/x/nvcc") and not want(cpu_torch, "/x/nvcc") and not want(cuda_torch, None)
+    monkeypatch.setenv("CELLKERN_CUDA", "0")
+    assert not want(cuda_torch, "/x/nvcc")
+    monkeypatch.setenv("CELLKERN_CUDA", "1")
+    assert want(cpu_torch, "/x/nvcc")
+    with pytest.raises(RuntimeError, match="CELLKERN_CUDA=1 but nvcc was not found"):
+        want(cuda_torch, None)
