@@ -19,7 +19,8 @@ from cuda_emulation import cuda_include_dir, emulated_backend
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MATRIX_FILES = ["test_propagate.py", "test_competition.py", "test_plasticity.py", "test_plasticity_rules.py",
-                "test_stencil.py", "test_hypothesis.py", "test_validation.py", "test_plasticity_validation.py"]
+                "test_stencil.py", "test_large_stencils.py", "test_hypothesis.py", "test_validation.py",
+                "test_plasticity_validation.py"]
 
 pytestmark = [
     pytest.mark.skipif(cuda_include_dir() is None, reason="the CUDA headers (cuda_fp16.h) are absent"),
