@@ -4,13 +4,19 @@ Builds ``cellkern._C`` against the installed torch::
 
     pip install --no-build-isolation -e .
 
-C++ (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) always; CUDA (``csrc/cuda/*``) only
-when torch was built with CUDA, nvcc exists and there are CUDA sources.
+C++ (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) always; the CUDA kernels
+(``csrc/cuda/*.cu``, module ``cellkern._C_cuda``) only when torch was built
+with CUDA and nvcc exists, or when forced. The ``.cu`` files hold CUDA only
+and are compiled here with nvcc (``-gencode`` per architecture); their torch
+glue (``csrc/cuda/*.cpp``, no CUDA headers) is a plain C++ extension that
+links those objects and libcudart, so the build needs no CUDA build of torch.
 
 Environment switches:
-    CELLKERN_CUDA=1/0    force / skip the CUDA sources (default: decide from the toolkit)
-    CELLKERN_NATIVE=0    do not compile with -march=native
-    MAX_JOBS             parallel compile jobs (default: from free memory and cores)
+    CELLKERN_CUDA=1/0       force (error without nvcc) / skip the CUDA kernels
+                            (default: when torch.version.cuda is set and nvcc is found)
+    TORCH_CUDA_ARCH_LIST    architectures, e.g. "8.0;9.0" or "9.0+PTX" (default: sm_80, sm_90 + PTX)
+    CELLKERN_NATIVE=0       do not compile with -march=native
+    MAX_JOBS                parallel compile jobs (default: from free memory and cores)
 """
 import glob
 import os
@@ -69,28 +75,132 @@ def _native_flags() -> list:
     return ["-march=native"] if _compiler_accepts("-march=native") else []
 
 
-def _cuda_sources() -> list:
-    return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+def _nvcc(cuda_home):
+    """The nvcc to use: $CUDA_HOME/bin/nvcc (torch's guess of CUDA_HOME), else
+    the one on PATH, else /usr/local/cuda/bin/nvcc."""
+    for home in filter(None, (os.environ.get("CUDA_HOME"), cuda_home)):
+        path = os.path.join(home, "bin", "nvcc")
+        if os.path.exists(path):
+            return path
+    fallback = "/usr/local/cuda/bin/nvcc"
+    return shutil.which("nvcc") or (fallback if os.path.exists(fallback) else None)
 
 
-def _want_cuda(torch, cuda_home) -> bool:
-    """CUDA when torch has CUDA, nvcc exists and there are CUDA sources; CELLKERN_CUDA forces either way."""
+def _want_cuda(torch, nvcc) -> bool:
+    """CELLKERN_CUDA=1 forces the CUDA kernels (an error without nvcc), =0 skips
+    them; by default they are built when torch has CUDA and nvcc exists."""
     forced = _flag("CELLKERN_CUDA")
-    if forced is False:
+    if forced is False or not glob.glob(os.path.join(CSRC, "cuda", "*.cu")):
         return False
-    has_toolkit = torch.version.cuda is not None and cuda_home is not None
     if forced is True:
-        if not has_toolkit:
-            raise RuntimeError(
-                "CELLKERN_CUDA=1 but this torch has no CUDA "
-                f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found (CUDA_HOME={cuda_home})")
-        return bool(_cuda_sources())
-    return has_toolkit and bool(_cuda_sources())
+        if nvcc is None:
+            raise RuntimeError("CELLKERN_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        return True
+    return torch.version.cuda is not None and nvcc is not None
+
+
+def cuda_arch_flags(arch_list=None) -> list:
+    """nvcc ``-gencode`` flags for TORCH_CUDA_ARCH_LIST (``"8.0;9.0"``, ``"9.0+PTX"``,
+    ``"9.0a"``; ``;``, ``,`` or spaces between entries). Default: sm_80 and
+    sm_90 code plus compute_90 PTX (which newer GPUs compile at load time)."""
+    text = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if arch_list is None else arch_list
+    entries = [e for e in text.replace(",", ";").replace(" ", ";").split(";") if e.strip()]
+    if not entries:
+        entries = ["8.0", "9.0+PTX"]
+    flags = []
+    for entry in entries:
+        e = entry.strip()
+        ptx = e.upper().endswith("+PTX")
+        e = e[:-4] if ptx else e
+        num = e.replace(".", "")
+        if not num[:2].isdigit():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read the architecture {entry!r}")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def nvcc_flags() -> list:
+    """The flags every ``.cu`` file is compiled with (also by python_tests/test_cuda_build.py)."""
+    return ["-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC", f"-I{os.path.join(ROOT, CSRC)}"]
+
+
+def _compile_cu(nvcc, sources, out_dir, jobs) -> list:
+    """Compile each ``.cu`` file to an object (again only when it or a header
+    under csrc/ is newer than its object), ``jobs`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.makedirs(out_dir, exist_ok=True)
+    headers = glob.glob(os.path.join(ROOT, CSRC, "**", "*.h"), recursive=True) + \
+        glob.glob(os.path.join(ROOT, CSRC, "**", "*.cuh"), recursive=True)
+    newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
+    flags = nvcc_flags() + cuda_arch_flags()
+
+    def one(src):
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        stamp = obj + ".flags"
+        key = " ".join([nvcc] + flags)
+        fresh = (os.path.exists(obj) and os.path.getmtime(obj) >= max(os.path.getmtime(src), newest_header)
+                 and os.path.exists(stamp) and open(stamp).read() == key)
+        if not fresh:
+            cmd = [nvcc, "-c", src, "-o", obj] + flags
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            with open(stamp, "w") as f:
+                f.write(key)
+        return obj
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, sources))
+
+
+def _cudart(nvcc, cuda_home) -> tuple:
+    """``(folder, library)`` of the CUDA runtime to link: libcudart.so under
+    $CUDA_HOME, torch's CUDA_HOME, the toolkit of nvcc or /usr/local/cuda (lib64,
+    lib or targets/<arch>/lib), else a versioned libcudart.so.N there or in the
+    pip-installed NVIDIA runtime next to torch (linked by its file name)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cuda_home,
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    dirs = [os.path.join(home, sub) for home in filter(None, homes)
+            for sub in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib"))]
+    try:
+        import torch
+
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
+    except ImportError:  # pragma: no cover - torch is a build requirement
+        pass
+    for d in dirs:
+        if os.path.exists(os.path.join(d, "libcudart.so")):
+            return d, "cudart"
+    for d in dirs:
+        versioned = sorted(glob.glob(os.path.join(d, "libcudart.so.[0-9]*")))
+        if versioned:
+            return d, ":" + os.path.basename(versioned[0])
+    raise RuntimeError(f"libcudart.so not found in any of {dirs} (set CUDA_HOME)")
+
+
+def _cuda_extension(CppExtension, nvcc, cuda_home, cxx_flags):
+    """``cellkern._C_cuda``: the glue, linked with the nvcc objects and libcudart."""
+    lib_dir, cudart = _cudart(nvcc, cuda_home)
+    cu = sorted(os.path.join(ROOT, p) for p in glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    ext = CppExtension(
+        name="cellkern._C_cuda",
+        sources=sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))),
+        include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_compile_args={"cxx": [f for f in cxx_flags if f != "-fopenmp"]},
+        library_dirs=[lib_dir],
+        libraries=[cudart],
+        extra_link_args=[f"-Wl,-rpath,{lib_dir}"],
+    )
+    ext.cu_sources, ext.nvcc = cu, nvcc  # compiled by build_ext (cmdclass) before the link
+    return ext
 
 
 def extensions():
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     # No -std here: BuildExtension adds the standard this torch's headers need
@@ -108,18 +218,30 @@ def extensions():
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
-    if _want_cuda(torch, CUDA_HOME):
-        kwargs["sources"] = sources + _cuda_sources()
-        kwargs["define_macros"] = [("CELLKERN_WITH_CUDA", None)]
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
-        return [CUDAExtension(**kwargs)]
-    return [CppExtension(**kwargs)]
+    exts = [CppExtension(**kwargs)]
+    nvcc = _nvcc(CUDA_HOME)
+    if _want_cuda(torch, nvcc):
+        exts.append(_cuda_extension(CppExtension, nvcc, CUDA_HOME, cxx_flags))
+    return exts
 
 
 def cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildWithCuda(base):
+        """torch's BuildExtension, with the ``.cu`` objects of an extension
+        compiled by nvcc first (only when a build runs)."""
+
+        def build_extension(self, ext):
+            if getattr(ext, "cu_sources", None):
+                out = os.path.join(os.path.abspath(self.build_temp), "cuda-objects")
+                objs = _compile_cu(ext.nvcc, ext.cu_sources, out, int(os.environ.get("MAX_JOBS", "1")))
+                ext.extra_objects = list(ext.extra_objects or []) + [o for o in objs if o not in ext.extra_objects]
+            super().build_extension(ext)
+
+    return {"build_ext": BuildWithCuda}
 
 
 setup(ext_modules=extensions(), cmdclass=cmdclass())

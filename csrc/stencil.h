@@ -67,4 +67,35 @@ CK_HD inline void interior_range(int64_t n, int64_t d, int64_t* lo, int64_t* hi)
   *hi = b;
 }
 
+// ---- int32 coordinates (the CUDA kernels) ----
+//
+// A GPU thread owns one cell; 64-bit integer arithmetic costs it twice the
+// instructions of 32-bit, and a few dozen index computations per cell are
+// most of its instruction budget. Coordinates and in-lattice indices fit in
+// int32 there (the launchers refuse lattices of 2^31 cells or more); only
+// addresses that include the batch or offset plane are int64.
+
+/// The offset d along an axis of size n as the kernels step by it: d mod n in
+/// [0, n) along a periodic axis (so one compare wraps any offset, also one
+/// larger than the axis), d itself along a zero axis.
+CK_HD inline int reduce_offset(int64_t d, int64_t n, bool periodic) {
+  return static_cast<int>(periodic ? wrap(d, n) : d);
+}
+
+/// The coordinate i + d of an axis of size n, d from reduce_offset: wrapped
+/// with one compare when periodic, -1 when it leaves a zero boundary.
+CK_HD inline int axis_step(int i, int d, int n, bool periodic) {
+  const int j = i + d;
+  if (periodic) return j >= n ? j - n : j;
+  return (j >= 0 && j < n) ? j : -1;
+}
+
+/// The in-lattice index of the neighbour (z+dz, y+dy, x+dx), offsets from
+/// reduce_offset, or -1 when it lies outside a zero boundary.
+CK_HD inline int step_index(int z, int y, int x, int dz, int dy, int dx, int D, int H, int W, bool pz, bool py,
+                            bool px) {
+  const int zz = axis_step(z, dz, D, pz), yy = axis_step(y, dy, H, py), xx = axis_step(x, dx, W, px);
+  return (zz < 0 || yy < 0 || xx < 0) ? -1 : (zz * H + yy) * W + xx;
+}
+
 }  // namespace cellkern

@@ -15,6 +15,18 @@ import pytest  # noqa: E402
 import cellkern as ck  # noqa: E402
 from cellkern import backends  # noqa: E402
 
+if os.environ.get("CELLKERN_CUDA_EMULATION") == "1":
+    # the CUDA kernels of csrc/cuda, compiled as host code, serve as the "cpu"
+    # backend: every cpu case of the suite then checks them against the
+    # reference (python_tests/test_cuda_emulation.py runs this)
+    from cuda_emulation import emulated_backend  # noqa: E402
+
+    try:  # the C++ CPU ops stay registered (test_poison checks them by name)
+        from cellkern import _C  # noqa: E402,F401
+    except ImportError:
+        pass
+    backends._modules["cpu"] = emulated_backend()
+
 #: (rtol, atol) of a backend against the reference computed in float64
 TOL = {
     torch.float64: (1e-10, 1e-10),
@@ -97,7 +109,9 @@ def no_backend_env(monkeypatch):
 
 
 def pytest_report_header(config):
-    return f"cellkern backends: {backends.backend_status()}"
+    cpu = backends._load("cpu")
+    served = f" (cpu served by {cpu.__name__})" if cpu is not None and cpu.__name__ != f"{backends.__name__}.cpu" else ""
+    return f"cellkern backends: {backends.backend_status()}{served}"
 
 
 @pytest.fixture(autouse=True, scope="session")

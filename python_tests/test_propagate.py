@@ -277,3 +277,19 @@ def test_cases_cover_the_matrix():
     assert any(c["mask"] for c in CASES) and any(not c["mask"] for c in CASES)
     assert {c["bias"] for c in CASES} == {None, "C", "CDHW"}
     assert any(1 in c["dims"] for c in CASES)
+
+
+ONE_PLANE_CASES = [dict(dims=dims, B=1, C=1, stencil="moore", boundary=boundary, mask=mask, x=True, bias="C",
+                        activation="tanh", leak=0.3, dtype=dtype)
+                   for dims, boundary, mask, dtype in [
+                       ((5, 6, 7), "periodic", False, torch.float32), ((4, 3, 9), "zero", True, torch.float32),
+                       ((3, 5, 4), ("zero", "periodic", "periodic"), False, torch.float16),
+                       ((2, 7, 3), ("periodic", "zero", "zero"), True, torch.float64)]]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("case", ONE_PLANE_CASES, ids=_id)
+def test_one_plane_moore_matches_reference(backend, device, case):
+    """B = C = 1 with the moore stencil, the benchmarks' case (a kernel may take
+    a path of its own there), forward and gradients."""
+    test_propagate_matches_reference(backend, device, case)

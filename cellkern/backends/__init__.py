@@ -35,7 +35,6 @@ and the plasticity family (SPEC §3–§4, no autograd; ``y`` ``[B, D, H, W]``):
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import warnings
 
@@ -57,9 +56,10 @@ def poison_outputs(enabled: bool) -> None:
     the test suite turns it on."""
     global _poison
     _poison = bool(enabled)
-    cpu = _modules.get("cpu")
-    if cpu is not None:
-        cpu.set_poison(_poison)
+    for name in ("cpu", "cuda"):
+        mod = _modules.get(name)
+        if mod is not None:
+            mod.set_poison(_poison)
 
 
 def outputs_poisoned() -> bool:
@@ -92,13 +92,11 @@ def _load(name: str):
             if not (torch.cuda.is_available() or _triton_interpret()):
                 raise RuntimeError("no CUDA device and TRITON_INTERPRET is not 1")
             mod = importlib.import_module(".triton", __name__)
-        elif name == "cuda":
-            if importlib.util.find_spec(f"{__name__}.cuda") is None:
-                raise ImportError("not built: this install has no CUDA C++ kernels")
+        elif name == "cuda":  # says itself why it cannot load (not built, or no device)
             mod = importlib.import_module(".cuda", __name__)
         else:  # pragma: no cover - guarded by callers
             raise ValueError(name)
-        if name == "cpu" and _poison:
+        if name in ("cpu", "cuda") and _poison:
             mod.set_poison(True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
         _reasons[name] = f"{type(exc).__name__}: {exc}"

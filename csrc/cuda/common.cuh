@@ -1,0 +1,235 @@
+// What every CUDA kernel file shares: dtype conversion, streaming loads, the
+// block's copy of the stencil, the cell a thread owns, launch shapes and the
+// dtype / K dispatch of the launchers. CUDA only, no torch.
+//
+// Thread layout of every per-cell kernel: threadIdx.x runs along x (loads of
+// w[k, ·], s[·] and every per-cell field are coalesced), threadIdx.y over
+// lattice rows (z, y); blockIdx.x tiles the rows, blockIdx.y the x axis.
+//
+// CELLKERN_CUDA_EMULATION compiles the same kernels as host C++ (the CPU
+// test of python_tests/test_cuda_emulation.py): python_tests/cuda_emulation/
+// emulation.h then supplies the thread indices, the intrinsics and the launch.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#if defined(CELLKERN_CUDA_EMULATION)
+#include "emulation.h"
+#else
+/// kernel<<<shape, stream>>>: CK_LAUNCH(shape, stream, kernel<...>)(args...)
+#define CK_LAUNCH(shape, stream, ...) \
+  __VA_ARGS__<<<(shape).grid, (shape).block, (shape).smem, static_cast<cudaStream_t>(stream)>>>
+#endif
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../plasticity.h"
+#include "../stencil.h"
+#include "kernels.h"
+
+namespace cellkern {
+namespace cuda {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+/// The accumulation type of a storage type: fp64 stays fp64, all else fp32.
+template <typename T>
+using acc_of = typename AccOf<T>::type;
+
+template <typename A, typename T>
+__device__ __forceinline__ A to_acc(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<A>(__half2float(v));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return static_cast<A>(__bfloat162float(v));
+  } else {
+    return static_cast<A>(v);
+  }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+/// A load that streams past the caches (evict first): w is read once per
+/// call, and should not push the state rows, which neighbours reread, out of L2.
+template <typename T>
+__device__ __forceinline__ T load_stream(const T* p) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __ushort_as_half(__ldcs(reinterpret_cast<const unsigned short*>(p)));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __ushort_as_bfloat16(__ldcs(reinterpret_cast<const unsigned short*>(p)));
+  } else {
+    return __ldcs(p);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_stream(T* p, T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __stcs(reinterpret_cast<unsigned short*>(p), __half_as_ushort(v));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __stcs(reinterpret_cast<unsigned short*>(p), __bfloat16_as_ushort(v));
+  } else {
+    __stcs(p, v);
+  }
+}
+
+/// The cell a thread owns; `in` is false for the threads past the lattice's
+/// edge (they take part in the block's shared-memory setup only).
+struct Cell {
+  int z, y, x, i;
+  bool in;
+};
+
+__device__ __forceinline__ Cell this_cell(const Lattice& L) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int x = int(blockIdx.y * blockDim.x + threadIdx.x);
+  Cell c;
+  c.in = row < int64_t(L.D) * L.H && x < L.W;
+  const int r = c.in ? int(row) : 0;
+  c.z = r / L.H;
+  c.y = r - c.z * L.H;
+  c.x = c.in ? x : 0;
+  c.i = r * L.W + c.x;
+  return c;
+}
+
+#if !defined(CELLKERN_CUDA_EMULATION)
+/// The block's dynamic shared memory (sized by the launch: the stencil table).
+__device__ __forceinline__ int4* shared_offsets() {
+  extern __shared__ int4 ck_shared[];
+  return ck_shared;
+}
+#endif
+
+/// The block's copy of the stencil in shared memory: per offset the reduced
+/// (dz, dy, dx) of reduce_offset (sign -1: the transposed stencil, -o_k).
+/// Every thread of the block must call it (it ends with a barrier).
+__device__ __forceinline__ void load_offsets(const Lattice& L, int sign, int4* s_off) {
+#if defined(CELLKERN_CUDA_EMULATION)
+  const int t = 0, n = 1;  // the emulated threads run one after another: each fills the whole table
+#else
+  const int t = int(threadIdx.y * blockDim.x + threadIdx.x), n = int(blockDim.x * blockDim.y);
+#endif
+  for (int k = t; k < L.K; k += n) {
+    const int32_t* o = L.offsets + 3 * k;
+    s_off[k] = make_int4(reduce_offset(sign * int64_t(o[0]), L.D, L.pz), reduce_offset(sign * int64_t(o[1]), L.H, L.py),
+                         reduce_offset(sign * int64_t(o[2]), L.W, L.px), 0);
+  }
+  __syncthreads();
+}
+
+/// The in-lattice index of the cell at c + o (o from load_offsets), -1 outside a zero boundary.
+__device__ __forceinline__ int nbr_of(const Lattice& L, const Cell& c, int4 o) {
+  return step_index(c.z, c.y, c.x, o.x, o.y, o.z, L.D, L.H, L.W, L.pz, L.py, L.px);
+}
+
+/// φ(u) and φ'(u) for the activation codes 0 identity, 1 tanh, 2 relu, 3 sigmoid
+/// (a warp-uniform switch). relu'(0) = 0 as in torch; NaN passes relu as in torch.
+template <typename A>
+__device__ __forceinline__ A act_fn(int act, A u) {
+  switch (act) {
+    case 1: return tanh(u);
+    case 2: return u < A(0) ? A(0) : u;
+    case 3: return A(1) / (A(1) + exp(-u));
+    default: return u;
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A act_grad(int act, A u) {
+  switch (act) {
+    case 1: {
+      const A t = tanh(u);
+      return A(1) - t * t;
+    }
+    case 2: return u > A(0) ? A(1) : A(0);
+    case 3: {
+      const A sg = A(1) / (A(1) + exp(-u));
+      return sg * (A(1) - sg);
+    }
+    default: return A(1);
+  }
+}
+
+/// Threads per block of the per-cell kernels.
+constexpr int kThreads = 256;
+
+struct Shape {
+  dim3 grid, block;
+  size_t smem;
+};
+
+/// x tiles of 32–128 threads (the smallest power of two ≥ W), as many rows as
+/// fill kThreads; shared memory for the stencil.
+inline Shape cell_shape(const Lattice& L) {
+  int bx = 32;
+  while (bx < L.W && bx < 128) bx *= 2;
+  const int by = kThreads / bx;
+  const int64_t rows = int64_t(L.D) * L.H;
+  Shape s;
+  s.block = dim3(unsigned(bx), unsigned(by));
+  s.grid = dim3(unsigned((rows + by - 1) / by), unsigned((L.W + bx - 1) / bx));
+  s.smem = sizeof(int4) * size_t(L.K > 0 ? L.K : 1);
+  return s;
+}
+
+inline bool empty_lattice(const Lattice& L) { return int64_t(L.D) * L.H * L.W == 0; }
+
+/// One thread per element of a flat range of n.
+inline Shape flat_shape(int64_t n) {
+  Shape s;
+  s.block = dim3(unsigned(kThreads));
+  s.grid = dim3(unsigned((n + kThreads - 1) / kThreads));
+  s.smem = 0;
+  return s;
+}
+
+#if !defined(CELLKERN_CUDA_EMULATION)
+/// nullptr when the last launch succeeded, else its error message.
+inline const char* launched() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+#endif
+
+/// f(T{}) for the storage type of t.
+template <typename F>
+const char* with_dtype(Dtype t, F&& f) {
+  switch (t) {
+    case Dtype::kFloat32: return f(float{});
+    case Dtype::kFloat64: return f(double{});
+    case Dtype::kFloat16: return f(__half{});
+    case Dtype::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return "cellkern_cuda: unknown dtype";
+}
+
+/// f(std::integral_constant<int, KT>{}): KT = 26 (moore, exact), 32 (any
+/// K ≤ 32: the per-cell arrays stay in registers) or 0 (any K, loops).
+template <typename F>
+const char* with_k(int K, F&& f) {
+  if (K == 26) return f(std::integral_constant<int, 26>{});
+  if (K <= 32) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, 0>{});
+}
+
+}  // namespace cuda
+}  // namespace cellkern
