@@ -1,5 +1,5 @@
 """cellkern: fused kernels for 3-D cellular neural networks."""
-from . import ops
+from . import ops, sparse
 from .backends import available_backends, backend_status
 from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "sparse",
     "available_backends",
     "backend_status",
     "stencil",
