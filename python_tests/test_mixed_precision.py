@@ -183,3 +183,22 @@ def test_backends_round_alike(backend, device):
     same = (outs[0] == outs[1]).float().mean().item()
     assert same > 0.995
     assert not torch.equal(outs[0], w)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_cpu_rounding_kernel_gives_the_bits_of_the_torch_rounding(dtype):
+    if "cpu" not in ck.available_backends():
+        pytest.skip("the C++ extension did not load")
+    from cellkern.backends import cpu
+    from cellkern.ops.rounding import round_weights_
+
+    g = torch.Generator().manual_seed(4)
+    src = torch.randn(6, 7, 8, 9, generator=g) * torch.logspace(-8, 1, 9)  # tiny to large, both signs
+    src[0] = src[0].to(dtype).float()  # representable values stay
+    src[1, 0, 0, :3] = torch.tensor([0.0, -0.0, 1e-40])
+    for seed, step in ((0, 0), (3, 17), (2**31 + 5, 2**33 + 7)):
+        want = torch.empty(src.shape, dtype=dtype)
+        got = torch.empty(src.shape, dtype=dtype)
+        round_weights_(want, src, seed, step)
+        cpu.stochastic_round_(got, src, seed, step)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (seed, step)

@@ -82,5 +82,11 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
                      [bool(f) for f in flags], [float(v) for v in scalars])
 
 
+def stochastic_round_(out, src, seed: int, step: int):
+    """``out`` (fp16/bf16) ← ``src`` (fp32) stochastically rounded, bit for bit
+    as :func:`cellkern.ops.rounding.round_weights_`."""
+    _ops.stochastic_round_(out, src, int(seed), int(step))
+
+
 def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
     _ops.heterosynaptic_normalize_(w, mask, _tab(geom), list(geom.periodic), target, where)

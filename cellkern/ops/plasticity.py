@@ -114,7 +114,7 @@ class _InPlace:
         return False
 
 
-def _update(wf: _Weights, geom, seed_step, kernel):
+def _update(wf: _Weights, geom, seed_step, kernel, be=None):
     """Run ``kernel(w, mask)`` in place on the dense masked form of ``wf``.
 
     fp16/bf16 weights are updated in an fp32 copy and rounded back
@@ -130,7 +130,10 @@ def _update(wf: _Weights, geom, seed_step, kernel):
     with _InPlace(work) as (work_,):
         kernel(work_, V.contiguous(mask))
     if low:
-        round_weights_(dense, work, *seed_step)
+        if hasattr(be, "stochastic_round_") and dense.is_contiguous():
+            be.stochastic_round_(dense, work, *seed_step)  # the same bits as round_weights_, in one pass
+        else:
+            round_weights_(dense, work, *seed_step)
     if wf.idx is not None:
         wf.w.copy_(S.gather_ell(dense, wf.idx, geom.K))
 
@@ -138,7 +141,7 @@ def _update(wf: _Weights, geom, seed_step, kernel):
 def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
     with _InPlace(x_pre, x_post, theta) as (xp_, xq_, th_):
         _update(wf, geom, seed_step,
-                lambda w_, m_: be.plasticity_(w_, m_, geom, p, y, spikes, xp_, xq_, th_, gate, lr))
+                lambda w_, m_: be.plasticity_(w_, m_, geom, p, y, spikes, xp_, xq_, th_, gate, lr), be)
     return wf.w
 
 
@@ -380,5 +383,5 @@ def heterosynaptic_normalize_(w, target, mask=None, *, where=None, seed=0, step=
     seed_step = _sr(op, seed, step)
     acc = torch.float64 if wf.w.dtype == torch.float64 else torch.float32
     tgt, wh = _cast(target, acc), V.contiguous(where)
-    _update(wf, geom, seed_step, lambda w_, m_: be.heterosynaptic_normalize_(w_, m_, geom, tgt, wh))
+    _update(wf, geom, seed_step, lambda w_, m_: be.heterosynaptic_normalize_(w_, m_, geom, tgt, wh), be)
     return w
