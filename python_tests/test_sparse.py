@@ -180,3 +180,35 @@ def test_ell_validation():
         ck.ops.aggregate(s, sw, stencil="von_neumann")
     with pytest.raises(TypeError, match=r"propagate: w must have the dtype of s \(torch.float32\), got torch.float64"):
         ck.ops.propagate(s, w_ell.double(), idx)
+
+
+def test_readme_sparsity_example_runs():
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S) if "SparseWeights" in b)
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    sw = ns["sw"]
+    assert sw.Kmax == 8 and sw.dtype == torch.bfloat16 and ns["state"].step == 1
+    assert sw.nbytes == 24 * 16 ** 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_ell_conversions_equal_the_torch_ones(dtype):
+    if "cpu" not in ck.available_backends():
+        pytest.skip("the C++ extension did not load")
+    from cellkern.backends import cpu
+
+    w = _w(dims=(3, 5, 7)).to(dtype)
+    mask = S.prune(w, keep=0.4)
+    mask[:, 1, 1, 1] = False
+    w_ell, idx = S.to_ell(w, mask)
+    got_w, got_m = cpu.ell_expand(w_ell, idx, 26)
+    want_w, want_m = S.from_ell(w_ell, idx, 26)
+    assert torch.equal(got_w, want_w) and torch.equal(got_m, want_m)
+    dense = torch.randn(26, 3, 5, 7).to(dtype)
+    out = torch.full_like(w_ell, float("nan"))
+    cpu.ell_gather_(out, idx, dense)
+    assert torch.equal(out, S.gather_ell(dense, idx, 26))

@@ -82,6 +82,16 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
                      [bool(f) for f in flags], [float(v) for v in scalars])
 
 
+def ell_expand(w_ell, idx, K: int):
+    """The dense masked form ``(w, mask)`` of an ELL pair, in one pass."""
+    return _ops.ell_expand(w_ell, idx, int(K))
+
+
+def ell_gather_(w_ell, idx, dense):
+    """``w_ell[j, i] = dense[idx[j, i], i]`` (0 in empty slots), in place."""
+    _ops.ell_gather_(w_ell, idx, dense)
+
+
 def stochastic_round_(out, src, seed: int, step: int):
     """``out`` (fp16/bf16) ← ``src`` (fp32) stochastically rounded, bit for bit
     as :func:`cellkern.ops.rounding.round_weights_`."""

@@ -51,9 +51,22 @@ def weights_for(be, w, dtype):
     return w.to(dtype)
 
 
-def dense_of(w_ell, idx, K):
-    """The dense masked form of an ELL pair, for the kernels that take no ELL."""
+def dense_of(w_ell, idx, K, be=None):
+    """The dense masked form ``(w, mask)`` of an ELL pair, for the kernels
+    that take no ELL: the backend's ``ell_expand`` where it has one (one pass),
+    else :func:`cellkern.sparse.expand_ell`."""
+    if hasattr(be, "ell_expand") and w_ell.is_contiguous():
+        return be.ell_expand(w_ell, idx, K)
     return S.expand_ell(w_ell, idx, K)
+
+
+def gather_of(dense, idx, K, be=None):
+    """The ELL values ``dense[idx[j, i], i]`` (0 in empty slots) of a dense ``[K, D, H, W]`` tensor."""
+    if hasattr(be, "ell_gather_") and dense.is_contiguous():
+        out = torch.empty(idx.shape, dtype=dense.dtype, device=dense.device)
+        be.ell_gather_(out, idx, dense)
+        return out
+    return S.gather_ell(dense, idx, K)
 
 
 class AggregateEll(torch.autograd.Function):
@@ -63,17 +76,17 @@ class AggregateEll(torch.autograd.Function):
         ctx.save_for_backward(s, w_ell, idx)
         if hasattr(be, "aggregate_forward_ell"):
             return be.aggregate_forward_ell(s, weights_for(be, w_ell, s.dtype), idx, geom)
-        w, m = dense_of(w_ell, idx, geom.K)
+        w, m = dense_of(w_ell, idx, geom.K, be)
         return be.aggregate_forward(s, weights_for(be, w, s.dtype), m, geom)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         s, w_ell, idx = ctx.saved_tensors
-        w, m = dense_of(w_ell, idx, ctx.geom.K)
+        w, m = dense_of(w_ell, idx, ctx.geom.K, ctx.be)
         ds, dw = ctx.be.aggregate_backward(V.contiguous(g), s, weights_for(ctx.be, w, s.dtype), m, ctx.geom,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        dw_ell = S.gather_ell(dw, idx, ctx.geom.K).to(w_ell.dtype) if dw is not None else None
+        dw_ell = gather_of(dw, idx, ctx.geom.K, ctx.be).to(w_ell.dtype) if dw is not None else None
         return ds, dw_ell, None, None, None
 
 
@@ -86,7 +99,7 @@ class PropagateEll(torch.autograd.Function):
         if hasattr(be, "propagate_forward_ell"):
             out, u = be.propagate_forward_ell(s, wr, idx, x, bias, geom, leak, activation, save)
         else:
-            w, m = dense_of(wr, idx, geom.K)
+            w, m = dense_of(wr, idx, geom.K, be)
             out, u = be.propagate_forward(s, w, m, x, bias, geom, leak, activation, save)
         if save:
             ctx.save_for_backward(s, w_ell, idx, u)
@@ -99,12 +112,12 @@ class PropagateEll(torch.autograd.Function):
     def backward(ctx, g):
         s, w_ell, idx, u = ctx.saved_tensors
         need = ctx.needs_input_grad
-        w, m = dense_of(weights_for(ctx.be, w_ell, s.dtype), idx, ctx.geom.K)
+        w, m = dense_of(weights_for(ctx.be, w_ell, s.dtype), idx, ctx.geom.K, ctx.be)
         ds, dw, du = ctx.be.propagate_backward(
             V.contiguous(g), s, w, m, u, ctx.geom, ctx.leak, ctx.activation,
             need[0], need[1], need[3] or need[4],
         )
-        dw_ell = S.gather_ell(dw, idx, ctx.geom.K).to(w_ell.dtype) if need[1] else None
+        dw_ell = gather_of(dw, idx, ctx.geom.K, ctx.be).to(w_ell.dtype) if need[1] else None
         dx = du.to(ctx.x_dtype) if need[3] else None
         dbias = du.sum(0).to(s.dtype) if need[4] else None
         return ds, dw_ell, None, dx, dbias, None, None, None, None

@@ -122,7 +122,7 @@ def _update(wf: _Weights, geom, seed_step, kernel, be=None):
     ELL form is expanded to the dense masked form and its live slots written
     back (empty slots stay 0)."""
     if wf.idx is not None:
-        dense, mask = S.expand_ell(wf.w, wf.idx, geom.K)
+        dense, mask = F.dense_of(wf.w, wf.idx, geom.K, be)
     else:
         dense, mask = wf.w, wf.mask
     low = dense.dtype in (torch.float16, torch.bfloat16)
@@ -135,7 +135,10 @@ def _update(wf: _Weights, geom, seed_step, kernel, be=None):
         else:
             round_weights_(dense, work, *seed_step)
     if wf.idx is not None:
-        wf.w.copy_(S.gather_ell(dense, wf.idx, geom.K))
+        if hasattr(be, "ell_gather_") and wf.w.is_contiguous():
+            be.ell_gather_(wf.w, wf.idx, dense)
+        else:
+            wf.w.copy_(S.gather_ell(dense, wf.idx, geom.K))
 
 
 def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):

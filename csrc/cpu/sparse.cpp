@@ -338,3 +338,64 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_ell(const at::Tensor& s, co
 
 }  // namespace cpu
 }  // namespace cellkern
+
+namespace cellkern {
+namespace cpu {
+
+// The dense masked form of an ELL pair: w[k, i] = w_ell[j, i] and mask[k, i]
+// where idx[j, i] = k; 0 and False elsewhere. Parallel over cells.
+std::tuple<at::Tensor, at::Tensor> ell_expand(const at::Tensor& w_ell, const at::Tensor& idx, int64_t K) {
+  TORCH_CHECK(idx.scalar_type() == at::kByte && w_ell.sizes() == idx.sizes() && w_ell.dim() == 4,
+              "cellkern_cpu: ell_expand takes w_ell and uint8 idx of one [Kmax, D, H, W] shape");
+  const int64_t Kmax = w_ell.size(0), N = w_ell.numel() / std::max<int64_t>(1, Kmax);
+  // huge pages for large outputs (empty_output): the first touch of a fresh
+  // 200 MB dense copy would otherwise fault page by page
+  at::Tensor w = empty_output({K, w_ell.size(1), w_ell.size(2), w_ell.size(3)}, w_ell.options());
+  at::Tensor mask = at::empty(w.sizes(), w_ell.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_ell.scalar_type(), "ell_expand", [&] {
+    const scalar_t* p_we = w_ell.data_ptr<scalar_t>();
+    const uint8_t* p_i = idx.data_ptr<uint8_t>();
+    scalar_t* p_w = w.data_ptr<scalar_t>();
+    bool* p_m = mask.data_ptr<bool>();
+    at::parallel_for(0, N, 8192, [&](int64_t i0, int64_t i1) {
+      for (int64_t k = 0; k < K; ++k) {
+        std::fill(p_w + k * N + i0, p_w + k * N + i1, scalar_t(0));
+        std::fill(p_m + k * N + i0, p_m + k * N + i1, false);
+      }
+      for (int64_t j = 0; j < Kmax; ++j) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t k = p_i[j * N + i];
+          if (k < K) {
+            p_w[k * N + i] = p_we[j * N + i];
+            p_m[k * N + i] = true;
+          }
+        }
+      }
+    });
+  });
+  return {w, mask};
+}
+
+// w_ell[j, i] = dense[idx[j, i], i] (0 in empty slots), in place.
+void ell_gather_(at::Tensor& w_ell, const at::Tensor& idx, const at::Tensor& dense) {
+  TORCH_CHECK(idx.scalar_type() == at::kByte && w_ell.sizes() == idx.sizes() && w_ell.is_contiguous() &&
+                  dense.is_contiguous() && dense.scalar_type() == w_ell.scalar_type(),
+              "cellkern_cpu: ell_gather_ takes a contiguous w_ell, its uint8 idx and a dense tensor of its dtype");
+  const int64_t Kmax = w_ell.size(0), N = w_ell.numel() / std::max<int64_t>(1, Kmax), K = dense.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_ell.scalar_type(), "ell_gather_", [&] {
+    scalar_t* p_we = w_ell.data_ptr<scalar_t>();
+    const uint8_t* p_i = idx.data_ptr<uint8_t>();
+    const scalar_t* p_d = dense.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 8192, [&](int64_t i0, int64_t i1) {
+      for (int64_t j = 0; j < Kmax; ++j) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t k = p_i[j * N + i];
+          p_we[j * N + i] = k < K ? p_d[k * N + i] : scalar_t(0);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace cellkern
