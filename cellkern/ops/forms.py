@@ -33,9 +33,10 @@ def resolve(op: str, w, mask, K: int, dims) -> tuple:
         if w.K != K:
             raise ValueError(f"{op}: w is a SparseWeights of K = {w.K} offsets, the stencil has K = {K}")
         return w.w_ell, None, w.idx
-    if (isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.dtype.is_floating_point
-            and mask.dim() == 4):
-        # an integer [Kmax, D, H, W] mask is the idx of an ELL pair (check_ell wants it uint8)
+    if (isinstance(mask, torch.Tensor) and mask.dim() == 4 and not mask.dtype.is_floating_point
+            and (mask.dtype == torch.uint8 or (mask.dtype != torch.bool and mask.shape[0] != K))):
+        # a uint8 [Kmax, D, H, W] mask is the idx of an ELL pair; another integer
+        # one with Kmax != K is one too, of the wrong dtype (check_ell says so)
         S.check_ell(op, w, mask, K)
         return w, None, V.contiguous(mask)
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.int32 and dims is not None:
