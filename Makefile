@@ -54,6 +54,7 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks.propagate
 	$(PY) -m benchmarks.plasticity
+	$(PY) -m benchmarks.memory
 
 gpu-check: setup
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \

@@ -31,7 +31,7 @@ def demo(steps: int) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("suite", default="propagate", type=click.Choice(["propagate", "plasticity"]))
+@click.argument("suite", default="propagate", type=click.Choice(["propagate", "plasticity", "memory"]))
 @click.pass_context
 def bench(ctx: click.Context, suite: str) -> None:
     """Run a benchmark suite (extra options go to ``python -m benchmarks.SUITE``)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -209,6 +209,8 @@ class PlasticityState:
     Attributes:
         x_pre, x_post: traces ``[B, D, H, W]``.
         theta: θ ``[D, H, W]``.
+        step: the steps taken, counted by :func:`cellkern.ops.plasticity_step_`
+            (the counter of its stochastic rounding of fp16/bf16 weights). Default: 0.
 
     Build it with :meth:`create`. The ops update the tensors in place.
     """
@@ -216,6 +218,7 @@ class PlasticityState:
     x_pre: torch.Tensor
     x_post: torch.Tensor
     theta: torch.Tensor
+    step: int = 0
 
     @classmethod
     def create(cls, dims, batch: int = 1, *, theta0: float = 0.01, dtype=torch.float32,
@@ -253,4 +256,5 @@ class PlasticityState:
 
     def to(self, *args, **kwargs) -> "PlasticityState":
         """A copy with every tensor moved/cast like ``Tensor.to``."""
-        return PlasticityState(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
+        return PlasticityState(self.x_pre.to(*args, **kwargs), self.x_post.to(*args, **kwargs),
+                               self.theta.to(*args, **kwargs), self.step)

@@ -38,6 +38,16 @@ void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at:
 void heterosynaptic_normalize_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
                                c10::List<bool> periodic, const at::Tensor& target,
                                const std::optional<at::Tensor>& where);
+std::tuple<at::Tensor, at::Tensor> ell_expand(const at::Tensor& w_ell, const at::Tensor& idx, int64_t K);
+void ell_gather_(at::Tensor& w_ell, const at::Tensor& idx, const at::Tensor& dense);
+void stochastic_round_(at::Tensor& out, const at::Tensor& src, int64_t seed, int64_t step);
+at::Tensor aggregate_forward_ell(const at::Tensor& s, const at::Tensor& w_ell, const at::Tensor& idx,
+                                 const at::Tensor& offsets, c10::List<bool> periodic);
+std::tuple<at::Tensor, at::Tensor> propagate_forward_ell(const at::Tensor& s, const at::Tensor& w_ell,
+                                                         const at::Tensor& idx, const std::optional<at::Tensor>& x,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& offsets, c10::List<bool> periodic,
+                                                         double leak, int64_t act, bool save_u);
 
 }  // namespace cpu
 }  // namespace cellkern
@@ -63,6 +73,13 @@ TORCH_LIBRARY(cellkern_cpu, m) {
   m.def(
       "heterosynaptic_normalize_(Tensor(a!) w, Tensor? mask, Tensor offsets, bool[] periodic, Tensor target, "
       "Tensor? where) -> ()");
+  m.def("ell_expand(Tensor w_ell, Tensor idx, int K) -> (Tensor, Tensor)");
+  m.def("ell_gather_(Tensor(a!) w_ell, Tensor idx, Tensor dense) -> ()");
+  m.def("stochastic_round_(Tensor(a!) out, Tensor src, int seed, int step) -> ()");
+  m.def("aggregate_forward_ell(Tensor s, Tensor w_ell, Tensor idx, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def(
+      "propagate_forward_ell(Tensor s, Tensor w_ell, Tensor idx, Tensor? x, Tensor? bias, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool save_u) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
@@ -75,6 +92,11 @@ TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
   m.impl("local_winners", &cellkern::cpu::local_winners);
   m.impl("plasticity_", &cellkern::cpu::plasticity_);
   m.impl("heterosynaptic_normalize_", &cellkern::cpu::heterosynaptic_normalize_);
+  m.impl("ell_expand", &cellkern::cpu::ell_expand);
+  m.impl("ell_gather_", &cellkern::cpu::ell_gather_);
+  m.impl("stochastic_round_", &cellkern::cpu::stochastic_round_);
+  m.impl("aggregate_forward_ell", &cellkern::cpu::aggregate_forward_ell);
+  m.impl("propagate_forward_ell", &cellkern::cpu::propagate_forward_ell);
 }
 
 // The ops live in torch.ops.cellkern_cpu; the module itself is empty.

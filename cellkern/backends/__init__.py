@@ -28,6 +28,35 @@ and the plasticity family (SPEC §3–§4, no autograd; ``y`` ``[B, D, H, W]``):
 - ``heterosynaptic_normalize_(w, mask, geom, target, where) -> None``: ``target``
   ``[D, H, W]`` fp32 (fp64 for fp64 ``w``), ``where`` bool ``[D, H, W]`` or None.
 
+Weight forms and mixed precision (SPEC §5; the ops in ``cellkern.ops`` do the
+conversions, backends see only what they declare they take):
+
+- ``MIXED_WEIGHTS = True`` (module attribute): the kernels take ``w`` in a
+  lower precision than ``s`` (fp16/bf16 weights under an fp32 state, sums in
+  fp32) and return ``dw`` in the dtype they got. Without it the ops cast
+  ``w`` to the dtype of ``s`` first (a transient copy) and ``dw`` back.
+- Optional ELL forward kernels, ``aggregate_forward_ell(s, w_ell, idx, geom)``
+  and ``propagate_forward_ell(s, w_ell, idx, x, bias, geom, leak, activation,
+  save_u) -> (out, u)``, with ``w_ell``/``idx`` ``[Kmax, D, H, W]`` (``idx``
+  uint8, 255 = empty slot; validated). A backend without them (triton, cuda
+  today) gets the dense masked form expanded from the ELL pair
+  (``sparse.expand_ell``: a transient dense ``w`` and bool mask) — the same
+  result, not the memory saving. Every backward of the ELL form and every
+  plasticity op on it runs through that dense form too; ``dw`` is gathered
+  back to the live slots. Packed int32 masks are unpacked to bool masks at the
+  op boundary, so no backend sees them.
+- Optional ``ell_expand(w_ell, idx, K) -> (w, mask)`` and
+  ``ell_gather_(w_ell, idx, dense)``: the two conversions in one pass each
+  (else ``sparse.expand_ell`` / ``sparse.gather_ell`` in torch).
+- Optional ``stochastic_round_(out, src, seed, step)``: ``out`` (fp16/bf16)
+  ← ``src`` (fp32) rounded with the counter-based hash of
+  ``cellkern.ops.rounding``, bit for bit as ``rounding.round_weights_`` (the
+  torch version, used where a backend has no kernel).
+
+Native ELL kernels: reference (the spec, ``*_forward_ell``) and cpu
+(``csrc/cpu/sparse.cpp``). The triton backend runs the ELL form through the
+documented dense conversion above (no Triton ELL kernel yet).
+
 ``backend=None`` picks the fastest backend that can take the tensors' device
 (:data:`PREFERENCE`); ``CELLKERN_BACKEND`` in the environment or an explicit
 ``backend=`` forces one.

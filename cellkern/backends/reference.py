@@ -17,6 +17,8 @@ import torch
 from ..stencil import Geometry
 
 ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")
+#: the kernels take w in a lower precision than s (see ops.forms.weights_for)
+MIXED_WEIGHTS = True
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,9 +150,13 @@ def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activati
     Returns ``(s', u)``; ``u`` (fp32, fp64 for fp64 input) only when ``save_u``.
     ``x`` is None or shaped like ``s``; ``bias`` None or ``[C, D, H, W]``.
     """
-    acc = accumulation_dtype(s.dtype)
-    sa = s.to(acc)
-    u = _stencil_sum(sa, w, mask, geom)
+    sa = s.to(accumulation_dtype(s.dtype))
+    return _cell_update(s, sa, _stencil_sum(sa, w, mask, geom), x, bias, leak, activation, save_u)
+
+
+def _cell_update(s, sa, u, x, bias, leak, activation, save_u):
+    """``(1-α)·s + α·φ(u + x + bias)`` in the dtype of ``s``, and ``u + x + bias``."""
+    acc = sa.dtype
     if x is not None:
         u = u + x.to(acc)
     if bias is not None:
@@ -175,6 +181,60 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
     if need_w:
         dw = weight_grad(du, s, mask, geom, w.dtype)
     return ds, dw, (du if need_u else None)
+
+
+# ---- the ELL form (SPEC §5): slot j of cell i holds offset idx[j, i] (255 = empty) ----
+
+
+def neighbour_index(geom: Geometry, dims, device) -> tuple:
+    """``(nbr, valid)``, both ``[K, N]``: the linear index of ``nbr(i, k)``
+    (wrapped along periodic axes) and False where it lies outside a zero boundary."""
+    D, H, W = dims
+    z, y, x = torch.meshgrid(torch.arange(D, device=device), torch.arange(H, device=device),
+                             torch.arange(W, device=device), indexing="ij")
+    nbr, valid = [], []
+    for o in geom.offsets:
+        ok = torch.ones((D, H, W), dtype=torch.bool, device=device)
+        pos = []
+        for a, (c, n) in enumerate(zip((z, y, x), (D, H, W))):
+            c = c + o[a]
+            if geom.periodic[a]:
+                c = torch.remainder(c, n)
+            else:
+                ok = ok & (c >= 0) & (c < n)
+                c = c.clamp(0, n - 1)
+            pos.append(c)
+        nbr.append(((pos[0] * H + pos[1]) * W + pos[2]).flatten())
+        valid.append(ok.flatten())
+    return torch.stack(nbr), torch.stack(valid)
+
+
+def _ell_sum(sa, w_ell, idx, geom: Geometry):
+    """``Σ_j w_ell[j,i] · sa[b,c,nbr(i, idx[j,i])]`` over the live slots, in the dtype of ``sa``."""
+    B, C = sa.shape[:2]
+    dims = tuple(sa.shape[2:])
+    flat = sa.reshape(B, C, -1)
+    nbr, valid = neighbour_index(geom, dims, sa.device)
+    a = torch.zeros_like(flat)
+    for j in range(w_ell.shape[0]):
+        k = idx[j].flatten().to(torch.int64)
+        live = k != 255
+        kk = k.clamp(max=geom.K - 1).unsqueeze(0)
+        n = nbr.gather(0, kk)[0]
+        wj = torch.where(live & valid.gather(0, kk)[0], w_ell[j].flatten().to(sa.dtype), 0)
+        a = a + wj * flat[:, :, n]
+    return a.view(sa.shape)
+
+
+def aggregate_forward_ell(s, w_ell, idx, geom: Geometry):
+    """``a[b,c,i] = Σ_j w_ell[j,i] · s[b,c,nbr(i, idx[j,i])]`` (empty slots add nothing)."""
+    return _ell_sum(s.to(accumulation_dtype(s.dtype)), w_ell, idx, geom).to(s.dtype)
+
+
+def propagate_forward_ell(s, w_ell, idx, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
+    """:func:`propagate_forward` with the aggregate of :func:`aggregate_forward_ell`."""
+    sa = s.to(accumulation_dtype(s.dtype))
+    return _cell_update(s, sa, _ell_sum(sa, w_ell, idx, geom), x, bias, leak, activation, save_u)
 
 
 # ---- plasticity (SPEC §3–§4): in place on w, no autograd ----

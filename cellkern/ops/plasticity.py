@@ -7,7 +7,19 @@ kernel per backend and one reference.
 State dtype: the traces and θ share one float dtype (the *state dtype*); the
 read-only per-cell inputs (``y``, ``z``, ``gate``, a per-cell ``lr_scale``) are
 cast to it. ``w`` may have any float dtype; all arithmetic is fp32 (fp64 when
-``w`` or the state is fp64) and ``w`` is rounded back to its dtype.
+``w`` or the state is fp64). fp16/bf16 weights are updated in an fp32 copy
+and rounded back *stochastically* (SPEC §5): the uniform of synapse
+``k·N + i`` is a hash of ``(seed, step, k·N + i)`` (:mod:`.rounding`), so
+updates below the dtype's spacing are kept on average, and every backend
+rounds alike. ``seed`` and ``step`` are keywords of every op; ``step=None``
+takes ``state.step`` in :func:`plasticity_step_` (which then advances it) and
+a process-wide counter in the others.
+
+``w`` may also be the ELL form (a :class:`~cellkern.sparse.SparseWeights`,
+or ``w_ell`` with its uint8 ``idx`` as ``mask``; updated in place in
+``w_ell``) and ``mask`` a packed int32 mask. The ELL form runs as its dense
+masked form (expanded, updated, written back to the live slots) on every
+backend: the same result, with a transient dense ``w``.
 """
 from __future__ import annotations
 
@@ -18,26 +30,57 @@ import torch
 
 from .. import backends
 from ..backends.reference import live_synapses
+from .. import sparse as S
 from ..rules import PlasticityParams, PlasticityRule, PlasticityState, WEIGHT_DEPENDENCES
+from . import forms as F
 from . import validation as V
+from .rounding import next_step, round_weights_
 from .propagate import _geometry
 
 __all__ = ["stdp_", "bcm_", "plasticity_step_", "synapse_l1", "heterosynaptic_normalize_"]
 
 
+class _Weights:
+    """The weights an op updates: ``w`` (dense ``[K, D, H, W]``, or ``w_ell``
+    when ``idx`` is set) and the bool mask of the dense form."""
+
+    def __init__(self, w, mask, idx):
+        self.w, self.mask, self.idx = w, mask, idx
+
+
 def _begin(op, w, mask, stencil, boundary, backend):
     geom = _geometry(op, stencil, boundary)
-    dims = V.check_lattice_weights(op, w, geom.K)
-    if mask is not None:
-        V.check_tensor(op, "mask", mask)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"{op}: mask must be a bool tensor (False = pruned), got {mask.dtype}")
-        if tuple(mask.shape) != tuple(w.shape):
-            raise ValueError(f"{op}: mask must have shape (K, D, H, W) = {tuple(w.shape)}, got {tuple(mask.shape)}")
-        if mask.device != w.device:
-            raise ValueError(f"{op}: mask must be on the device of w ({w.device}), got {mask.device}")
+    if isinstance(w, torch.Tensor) and w.dim() == 4:
+        dims = tuple(w.shape[1:])
+    elif isinstance(w, S.SparseWeights):
+        dims = w.dims
+    else:
+        dims = None
+    w, mask, idx = F.resolve(op, w, mask, geom.K, dims)
+    if idx is None:
+        dims = V.check_lattice_weights(op, w, geom.K)
+        if mask is not None:
+            V.check_tensor(op, "mask", mask)
+            if mask.dtype != torch.bool:
+                raise TypeError(f"{op}: mask must be a bool tensor (False = pruned), got {mask.dtype}")
+            if tuple(mask.shape) != tuple(w.shape):
+                raise ValueError(f"{op}: mask must have shape (K, D, H, W) = {tuple(w.shape)}, "
+                                 f"got {tuple(mask.shape)}")
+            if mask.device != w.device:
+                raise ValueError(f"{op}: mask must be on the device of w ({w.device}), got {mask.device}")
     _, be = backends.select(backend, w.device, op)
-    return geom, dims, be
+    return geom, tuple(dims), be, _Weights(w, mask, idx)
+
+
+def _sr(op, seed, step):
+    """The stochastic-rounding counter ``(seed, step)``; ``step`` None takes the next of the process-wide counter."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"{op}: seed must be a non-negative int, got {type(seed).__name__} {seed!r}")
+    if step is None:
+        return int(seed), next_step()
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise TypeError(f"{op}: step must be a non-negative int or None, got {type(step).__name__} {step!r}")
+    return int(seed), int(step)
 
 
 def _same_dtype(op, names_tensors):
@@ -71,14 +114,43 @@ class _InPlace:
         return False
 
 
-def _run(be, w, mask, geom, p, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
-    with _InPlace(w, x_pre, x_post, theta) as (w_, xp_, xq_, th_):
-        be.plasticity_(w_, V.contiguous(mask), geom, p, y, spikes, xp_, xq_, th_, gate, lr)
-    return w
+def _update(wf: _Weights, geom, seed_step, kernel, be=None):
+    """Run ``kernel(w, mask)`` in place on the dense masked form of ``wf``.
+
+    fp16/bf16 weights are updated in an fp32 copy and rounded back
+    stochastically with the counter ``seed_step`` (see :mod:`.rounding`); the
+    ELL form is expanded to the dense masked form and its live slots written
+    back (empty slots stay 0)."""
+    if wf.idx is not None:
+        dense, mask = F.dense_of(wf.w, wf.idx, geom.K, be)
+    else:
+        dense, mask = wf.w, wf.mask
+    low = dense.dtype in (torch.float16, torch.bfloat16)
+    work = dense.float() if low else dense
+    with _InPlace(work) as (work_,):
+        kernel(work_, V.contiguous(mask))
+    if low:
+        if hasattr(be, "stochastic_round_") and dense.is_contiguous():
+            be.stochastic_round_(dense, work, *seed_step)  # the same bits as round_weights_, in one pass
+        else:
+            round_weights_(dense, work, *seed_step)
+    if wf.idx is not None:
+        if hasattr(be, "ell_gather_") and wf.w.is_contiguous():
+            be.ell_gather_(wf.w, wf.idx, dense)
+        else:
+            wf.w.copy_(S.gather_ell(dense, wf.idx, geom.K))
+
+
+def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
+    with _InPlace(x_pre, x_post, theta) as (xp_, xq_, th_):
+        _update(wf, geom, seed_step,
+                lambda w_, m_: be.plasticity_(w_, m_, geom, p, y, spikes, xp_, xq_, th_, gate, lr), be)
+    return wf.w
 
 
 def stdp_(w, z, x_pre, x_post, *, a_plus, a_minus, tau_plus, tau_minus, dt=1.0, lr=1.0, w_min=0.0, w_max=1.0,
-          weight_dependence="additive", gate=None, mask=None, stencil="moore", boundary="periodic", backend=None):
+          weight_dependence="additive", gate=None, mask=None, seed=0, step=None, stencil="moore", boundary="periodic",
+          backend=None):
     """One step of pair-based, all-to-all, trace-form STDP (SPEC §4), in place.
 
     In order::
@@ -103,7 +175,10 @@ def stdp_(w, z, x_pre, x_post, *, a_plus, a_minus, tau_plus, tau_minus, dt=1.0, 
         weight_dependence: ``"additive"`` or ``"multiplicative"``. Default: additive.
         gate: optional ``[B, D, H, W]`` (bool or float): each sample's update is
             multiplied by it before the batch mean. Default: None.
-        mask: optional bool ``[K, D, H, W]``, False = pruned. Default: None.
+        mask: optional bool ``[K, D, H, W]``, False = pruned (or a packed
+            int32 mask, or the ELL ``idx``; see the module). Default: None.
+        seed: the seed of the stochastic rounding of fp16/bf16 ``w``. Default: 0.
+        step: its step counter; None takes a process-wide counter. Default: None.
         stencil, boundary, backend: as in :func:`cellkern.ops.aggregate`.
 
     Returns:
@@ -119,11 +194,12 @@ def stdp_(w, z, x_pre, x_post, *, a_plus, a_minus, tau_plus, tau_minus, dt=1.0, 
         1.0
     """
     op = "stdp_"
-    geom, dims, be = _begin(op, w, mask, stencil, boundary, backend)
-    B = V.check_cells(op, "x_pre", x_pre, dims, w)
-    V.check_cells(op, "x_post", x_post, dims, w, batch=B)
-    V.check_cells(op, "z", z, dims, w, batch=B, allow_bool=True)
-    V.check_cells(op, "gate", gate, dims, w, batch=B, allow_bool=True, allow_none=True)
+    geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
+    B = V.check_cells(op, "x_pre", x_pre, dims, wf.w)
+    V.check_cells(op, "x_post", x_post, dims, wf.w, batch=B)
+    V.check_cells(op, "z", z, dims, wf.w, batch=B, allow_bool=True)
+    V.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
+    seed_step = _sr(op, seed, step)
     sd = _same_dtype(op, [("x_pre", x_pre), ("x_post", x_post)])
     tp = V.check_real(op, "tau_plus", tau_plus, positive=True)
     tm = V.check_real(op, "tau_minus", tau_minus, positive=True)
@@ -135,11 +211,12 @@ def stdp_(w, z, x_pre, x_post, *, a_plus, a_minus, tau_plus, tau_minus, dt=1.0, 
         stdp=True, a_plus=lr * V.check_real(op, "a_plus", a_plus), a_minus=lr * V.check_real(op, "a_minus", a_minus),
         decay_pre=math.exp(-dt / tp), decay_post=math.exp(-dt / tm), multiplicative=wd == "multiplicative",
         w_min=w_min, w_max=w_max)
-    return _run(be, w, mask, geom, p, spikes=_cast(z, sd), x_pre=x_pre, x_post=x_post, gate=_cast(gate, sd))
+    _run(be, wf, geom, p, seed_step, spikes=_cast(z, sd), x_pre=x_pre, x_post=x_post, gate=_cast(gate, sd))
+    return w
 
 
 def bcm_(w, y, theta, *, lr, tau_theta, decay=0.0, w_min=0.0, w_max=1.0, theta_min=0.0, theta_max=float("inf"),
-         gate=None, mask=None, stencil="moore", boundary="periodic", backend=None):
+         gate=None, mask=None, seed=0, step=None, stencil="moore", boundary="periodic", backend=None):
     """One step of sliding-threshold BCM (SPEC §4), in place.
 
     ::
@@ -157,7 +234,7 @@ def bcm_(w, y, theta, *, lr, tau_theta, decay=0.0, w_min=0.0, w_max=1.0, theta_m
         decay: ε ≥ 0. Default: 0.
         w_min, w_max: weight bounds. Default: 0, 1.
         theta_min, theta_max: θ bounds. Default: 0, inf.
-        gate, mask, stencil, boundary, backend: as in :func:`stdp_`.
+        gate, mask, seed, step, stencil, boundary, backend: as in :func:`stdp_`.
 
     Returns:
         ``w``.
@@ -170,10 +247,11 @@ def bcm_(w, y, theta, *, lr, tau_theta, decay=0.0, w_min=0.0, w_max=1.0, theta_m
         0.013
     """
     op = "bcm_"
-    geom, dims, be = _begin(op, w, mask, stencil, boundary, backend)
-    V.check_cells(op, "theta", theta, dims, w, per_sample=False)
-    B = V.check_cells(op, "y", y, dims, w)
-    V.check_cells(op, "gate", gate, dims, w, batch=B, allow_bool=True, allow_none=True)
+    geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
+    V.check_cells(op, "theta", theta, dims, wf.w, per_sample=False)
+    B = V.check_cells(op, "y", y, dims, wf.w)
+    V.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
+    seed_step = _sr(op, seed, step)
     lr = V.check_real(op, "lr", lr)
     tau = V.check_real(op, "tau_theta", tau_theta, positive=True)
     decay = V.check_real(op, "decay", decay, nonneg=True)
@@ -182,11 +260,12 @@ def bcm_(w, y, theta, *, lr, tau_theta, decay=0.0, w_min=0.0, w_max=1.0, theta_m
     p = PlasticityParams(bcm=True, bcm_lr=lr, bcm_decay=decay, tau_theta=tau, theta_min=t_min, theta_max=t_max,
                          w_min=w_min, w_max=w_max)
     sd = theta.dtype
-    return _run(be, w, mask, geom, p, y=_cast(y, sd), theta=theta, gate=_cast(gate, sd))
+    _run(be, wf, geom, p, seed_step, y=_cast(y, sd), theta=theta, gate=_cast(gate, sd))
+    return w
 
 
-def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_threshold=None, gate=None,
-                     stencil="moore", boundary="periodic", backend=None):
+def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_threshold=None, gate=None, seed=0,
+                     step=None, stencil="moore", boundary="periodic", backend=None):
     """The fused plasticity step: every enabled rule in one read and one write of ``w`` (SPEC §4).
 
     In order: inhibition (y → y') → winners → spikes z = (y' > θ_act) →
@@ -207,6 +286,9 @@ def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_thr
             1 + γ·saliency). Default: 1.
         activity_threshold: θ_act; None takes ``rule.activity_threshold``. Default: None.
         gate: optional ``[B, D, H, W]``, multiplies the winners. Default: None.
+        seed: the seed of the stochastic rounding of fp16/bf16 ``w``. Default: 0.
+        step: its step counter; None takes ``state.step``, and the op then
+            sets ``state.step`` to the step used + 1. Default: None.
         stencil, boundary, backend: as in :func:`cellkern.ops.aggregate`.
 
     Returns:
@@ -226,17 +308,18 @@ def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_thr
         raise TypeError(f"{op}: rule must be a cellkern.PlasticityRule, got {type(rule).__name__}")
     if not isinstance(state, PlasticityState):
         raise TypeError(f"{op}: state must be a cellkern.PlasticityState, got {type(state).__name__}")
-    geom, dims, be = _begin(op, w, mask, stencil, boundary, backend)
-    B = V.check_cells(op, "state.x_pre", state.x_pre, dims, w)
-    V.check_cells(op, "state.x_post", state.x_post, dims, w, batch=B)
-    V.check_cells(op, "state.theta", state.theta, dims, w, per_sample=False)
-    V.check_cells(op, "y", y, dims, w, batch=B)
-    V.check_cells(op, "gate", gate, dims, w, batch=B, allow_bool=True, allow_none=True)
+    geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
+    B = V.check_cells(op, "state.x_pre", state.x_pre, dims, wf.w)
+    V.check_cells(op, "state.x_post", state.x_post, dims, wf.w, batch=B)
+    V.check_cells(op, "state.theta", state.theta, dims, wf.w, per_sample=False)
+    V.check_cells(op, "y", y, dims, wf.w, batch=B)
+    V.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
+    seed_step = _sr(op, seed, state.step if step is None else step)
     sd = _same_dtype(op, [("state.x_pre", state.x_pre), ("state.x_post", state.x_post),
                           ("state.theta", state.theta)])
     lr = None
     if isinstance(lr_scale, torch.Tensor):
-        V.check_cells(op, "lr_scale", lr_scale, dims, w, per_sample=False)
+        V.check_cells(op, "lr_scale", lr_scale, dims, wf.w, per_sample=False)
         lr, lr_scale = _cast(lr_scale, sd), 1.0
     elif isinstance(lr_scale, bool) or not isinstance(lr_scale, numbers.Real):
         raise TypeError(f"{op}: lr_scale must be a number or a (D, H, W) tensor, got {type(lr_scale).__name__}")
@@ -247,8 +330,10 @@ def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_thr
     p = rule.params(lr_scale, activity_threshold)
     if not (p.stdp or p.bcm):
         return w  # nothing learns (e.g. the freeze profile)
-    return _run(be, w, mask, geom, p, y=_cast(y, sd), x_pre=state.x_pre, x_post=state.x_post,
-                theta=state.theta, gate=_cast(gate, sd), lr=lr)
+    _run(be, wf, geom, p, seed_step, y=_cast(y, sd), x_pre=state.x_pre, x_post=state.x_post,
+         theta=state.theta, gate=_cast(gate, sd), lr=lr)
+    state.step = seed_step[1] + 1
+    return w
 
 
 def synapse_l1(w, mask=None, *, stencil="moore", boundary="periodic"):
@@ -259,13 +344,14 @@ def synapse_l1(w, mask=None, *, stencil="moore", boundary="periodic"):
         ``[D, H, W]``, fp32 (fp64 for fp64 ``w``).
     """
     op = "synapse_l1"
-    geom, dims, _ = _begin(op, w, mask, stencil, boundary, "reference")
+    geom, dims, _, wf = _begin(op, w, mask, stencil, boundary, "reference")
+    w, mask = S.expand_ell(wf.w, wf.idx, geom.K) if wf.idx is not None else (wf.w, wf.mask)
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     return torch.where(live_synapses(mask, geom, dims, w.device), w.to(acc).abs(), 0).sum(0)
 
 
-def heterosynaptic_normalize_(w, target, mask=None, *, where=None, stencil="moore", boundary="periodic",
-                              backend=None):
+def heterosynaptic_normalize_(w, target, mask=None, *, where=None, seed=0, step=None, stencil="moore",
+                              boundary="periodic", backend=None):
     """Scale each cell's live synapses so that ``Σ_k |w[k,i]| = target[i]`` (SPEC §4), in place.
 
     The normalisation the fused step applies after its update, as its own
@@ -277,6 +363,7 @@ def heterosynaptic_normalize_(w, target, mask=None, *, where=None, stencil="moor
         target: ``[D, H, W]`` float, the wanted Σ|w| per cell.
         mask: optional bool ``[K, D, H, W]``. Default: None.
         where: optional bool ``[D, H, W]``: the cells to normalise. Default: all.
+        seed, step: the stochastic rounding of fp16/bf16 ``w``, as in :func:`stdp_`.
         stencil, boundary, backend: as in :func:`cellkern.ops.aggregate`.
 
     Returns:
@@ -290,13 +377,14 @@ def heterosynaptic_normalize_(w, target, mask=None, *, where=None, stencil="moor
         1.0
     """
     op = "heterosynaptic_normalize_"
-    geom, dims, be = _begin(op, w, mask, stencil, boundary, backend)
-    V.check_cells(op, "target", target, dims, w, per_sample=False)
+    geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
+    V.check_cells(op, "target", target, dims, wf.w, per_sample=False)
     if where is not None:
-        V.check_cells(op, "where", where, dims, w, per_sample=False, allow_bool=True)
+        V.check_cells(op, "where", where, dims, wf.w, per_sample=False, allow_bool=True)
         if where.dtype != torch.bool:
             raise TypeError(f"{op}: where must be a bool tensor, got {where.dtype}")
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    with _InPlace(w) as (w_,):
-        be.heterosynaptic_normalize_(w_, V.contiguous(mask), geom, _cast(target, acc), V.contiguous(where))
+    seed_step = _sr(op, seed, step)
+    acc = torch.float64 if wf.w.dtype == torch.float64 else torch.float32
+    tgt, wh = _cast(target, acc), V.contiguous(where)
+    _update(wf, geom, seed_step, lambda w_, m_: be.heterosynaptic_normalize_(w_, m_, geom, tgt, wh), be)
     return w

@@ -9,6 +9,7 @@ from .. import backends
 from ..backends.reference import ACTIVATIONS
 from ..stencil import Geometry, Stencil, parse_boundary
 from ..stencil import stencil as make_stencil
+from . import forms as F
 from . import validation as V
 
 __all__ = ["aggregate", "propagate", "propagate_steps"]
@@ -41,16 +42,17 @@ class _Aggregate(torch.autograd.Function):
     def forward(ctx, s, w, mask, geom, be):
         ctx.geom, ctx.be = geom, be
         ctx.save_for_backward(s, w, mask)
-        return be.aggregate_forward(s, w, mask, geom)
+        return be.aggregate_forward(s, F.weights_for(be, w, s.dtype), mask, geom)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         s, w, mask = ctx.saved_tensors
         ds, dw = ctx.be.aggregate_backward(
-            V.contiguous(g), s, w, mask, ctx.geom, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            V.contiguous(g), s, F.weights_for(ctx.be, w, s.dtype), mask, ctx.geom,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
-        return ds, dw, None, None, None
+        return ds, (None if dw is None else dw.to(w.dtype)), None, None, None
 
 
 class _Propagate(torch.autograd.Function):
@@ -58,7 +60,8 @@ class _Propagate(torch.autograd.Function):
     def forward(ctx, s, w, mask, x, bias, geom, leak, activation, be):
         need = ctx.needs_input_grad
         save = need[0] or need[1] or need[3] or need[4]
-        out, u = be.propagate_forward(s, w, mask, x, bias, geom, leak, activation, save)
+        out, u = be.propagate_forward(s, F.weights_for(be, w, s.dtype), mask, x, bias, geom, leak, activation,
+                                      save)
         if save:
             ctx.save_for_backward(s, w, mask, u)
         ctx.geom, ctx.leak, ctx.activation, ctx.be = geom, leak, activation, be
@@ -71,9 +74,10 @@ class _Propagate(torch.autograd.Function):
         s, w, mask, u = ctx.saved_tensors
         need = ctx.needs_input_grad
         ds, dw, du = ctx.be.propagate_backward(
-            V.contiguous(g), s, w, mask, u, ctx.geom, ctx.leak, ctx.activation,
+            V.contiguous(g), s, F.weights_for(ctx.be, w, s.dtype), mask, u, ctx.geom, ctx.leak, ctx.activation,
             need[0], need[1], need[3] or need[4],
         )
+        dw = None if dw is None else dw.to(w.dtype)
         dx = du.to(ctx.x_dtype) if need[3] else None
         dbias = du.sum(0).to(s.dtype) if need[4] else None
         return ds, dw, None, dx, dbias, None, None, None, None
@@ -86,9 +90,16 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
 
     Args:
         s: state ``[B, C, D, H, W]``, float16/bfloat16/float32/float64.
-        w: weights ``[K, D, H, W]``, same dtype and device as ``s``; ``w[k, i]``
-            is the synapse from ``nbr(i, k)`` onto ``i``.
-        mask: optional bool ``[K, D, H, W]``; False = pruned (acts as 0). Default: None.
+        w: weights ``[K, D, H, W]`` on the device of ``s``, in its dtype or (for
+            fp32/fp64 ``s``) a lower precision (mixed precision: fp16/bf16
+            weights, fp32 accumulation); ``w[k, i]`` is the synapse from
+            ``nbr(i, k)`` onto ``i``. Or the ELL form: a
+            :class:`~cellkern.sparse.SparseWeights`, or ``w_ell``
+            ``[Kmax, D, H, W]`` with its uint8 ``idx`` as ``mask`` (gradients
+            then flow to ``w_ell``).
+        mask: optional bool ``[K, D, H, W]`` (False = pruned, acts as 0), a
+            packed int32 ``[D, H, W]`` mask (:func:`cellkern.sparse.pack_mask`)
+            or the ``idx`` of ``w_ell``. Default: None.
         stencil: ``"von_neumann"``, ``"moore18"``, ``"moore"``, ``"radius(r)"``
             or a :class:`~cellkern.Stencil`. Default: ``"moore"``.
         boundary: ``"periodic"``, ``"zero"`` or a per-axis 3-tuple (z, y, x).
@@ -110,24 +121,42 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
     op = "aggregate"
     geom = _geometry(op, stencil, boundary)
     V.check_state(op, s)
-    V.check_weights(op, w, s, geom.K)
-    V.check_mask(op, mask, geom.K, s)
+    w, mask, idx = _weights(op, w, mask, geom, s)
     _, be = backends.select(backend, s.device, op)
+    if idx is not None:
+        return F.AggregateEll.apply(V.contiguous(s), V.contiguous(w), idx, geom, be)
     return _Aggregate.apply(V.contiguous(s), V.contiguous(w), V.contiguous(mask), geom, be)
+
+
+def _weights(op, w, mask, geom, s):
+    """The checked weight form: ``(w, mask, idx)``, ``idx`` None when dense (see :mod:`.forms`)."""
+    w, mask, idx = F.resolve(op, w, mask, geom.K, tuple(s.shape[2:]))
+    V.check_weights(op, w, s, geom.K, slots=idx is not None)
+    if idx is None:
+        V.check_mask(op, mask, geom.K, s)
+    elif idx.device != s.device:
+        raise ValueError(f"{op}: idx must be on the device of s ({s.device}), got {idx.device}")
+    return w, mask, idx
 
 
 def _prepare_propagate(op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend):
     geom = _geometry(op, stencil, boundary)
     V.check_state(op, s)
-    V.check_weights(op, w, s, geom.K)
-    V.check_mask(op, mask, geom.K, s)
+    w, mask, idx = _weights(op, w, mask, geom, s)
     V.check_bias(op, bias, s)
     leak = V.check_leak(op, leak)
     activation = V.check_choice(op, "activation", activation, ACTIVATIONS)
     _, be = backends.select(backend, s.device, op)
     if bias is not None and bias.dim() == 1:
         bias = bias.view(-1, 1, 1, 1).expand(bias.shape[0], *s.shape[2:])
-    return geom, leak, activation, be, V.contiguous(w), V.contiguous(mask), V.contiguous(bias)
+    return geom, leak, activation, be, V.contiguous(w), V.contiguous(mask), idx, V.contiguous(bias)
+
+
+def _step(s, w, mask, idx, x, bias, geom, leak, activation, be):
+    """One :func:`propagate` of checked inputs, dense or ELL."""
+    if idx is not None:
+        return F.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, be)
+    return _Propagate.apply(s, w, mask, x, bias, geom, leak, activation, be)
 
 
 def _drive(x, s):
@@ -148,8 +177,8 @@ def propagate(s, w, mask=None, x=None, bias=None, *, leak=1.0, activation="tanh"
 
     Args:
         s: state ``[B, C, D, H, W]``.
-        w: weights ``[K, D, H, W]`` (dtype and device of ``s``).
-        mask: optional bool ``[K, D, H, W]``, False = pruned. Default: None.
+        w: weights ``[K, D, H, W]`` or the ELL form, as in :func:`aggregate`.
+        mask: optional mask, as in :func:`aggregate`. Default: None.
         x: optional external drive, shaped like ``s`` or broadcastable to it. Default: None.
         bias: optional ``[C]`` or ``[C, D, H, W]``. Default: None.
         leak: α in [0, 1]; 1 replaces the state, 0 keeps it. Default: 1.0.
@@ -167,10 +196,10 @@ def propagate(s, w, mask=None, x=None, bias=None, *, leak=1.0, activation="tanh"
         True
     """
     op = "propagate"
-    geom, leak, activation, be, w, mask, bias = _prepare_propagate(
+    geom, leak, activation, be, w, mask, idx, bias = _prepare_propagate(
         op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend)
     V.check_drive(op, x, s)
-    return _Propagate.apply(V.contiguous(s), w, mask, _drive(x, s), bias, geom, leak, activation, be)
+    return _step(V.contiguous(s), w, mask, idx, _drive(x, s), bias, geom, leak, activation, be)
 
 
 def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_every=None, leak=1.0,
@@ -199,7 +228,7 @@ def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_eve
     op = "propagate_steps"
     steps = V.check_positive_int(op, "steps", steps)
     k = V.check_positive_int(op, "checkpoint_every", checkpoint_every, allow_none=True)
-    geom, leak, activation, be, w, mask, bias = _prepare_propagate(
+    geom, leak, activation, be, w, mask, idx, bias = _prepare_propagate(
         op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend)
     per_step = x is not None and isinstance(x, torch.Tensor) and x.dim() == 6
     if per_step:
@@ -215,7 +244,7 @@ def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_eve
     def run(state, t0, t1):
         for t in range(t0, t1):
             xt = _drive(x[t], state) if per_step else x
-            state = _Propagate.apply(state, w, mask, xt, bias, geom, leak, activation, be)
+            state = _step(state, w, mask, idx, xt, bias, geom, leak, activation, be)
         return state
 
     state = V.contiguous(s)

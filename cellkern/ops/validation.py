@@ -41,13 +41,41 @@ def check_state(op: str, s, name: str = "s") -> None:
         raise ValueError(f"{op}: {name} must have no empty dim, got shape {_shape(s)}")
 
 
-def check_weights(op: str, w, s, K: int, name: str = "w") -> None:
-    """``w`` is ``[K, D, H, W]`` with the dtype and device of ``s``."""
+def check_weights(op: str, w, s, K: int, name: str = "w", slots: bool = False) -> None:
+    """``w`` is ``[K, D, H, W]`` (``[Kmax ≤ K, D, H, W]`` for ELL ``slots``)
+    on the device of ``s``, with its dtype or a lower precision (see
+    :func:`check_weight_dtype`)."""
     check_tensor(op, name, w)
-    want = (K,) + _shape(s)[2:]
-    if _shape(w) != want:
-        raise ValueError(f"{op}: {name} must have shape (K, D, H, W) = {want}, got {_shape(w)}")
-    check_same(op, name, w, s)
+    dims = _shape(s)[2:]
+    if slots:
+        if w.dim() != 4 or _shape(w)[1:] != dims or not 1 <= w.shape[0] <= K:
+            raise ValueError(f"{op}: {name} must have shape (Kmax, D, H, W) with 1 <= Kmax <= K = {K} and "
+                             f"(D, H, W) = {dims}, got {_shape(w)}")
+    elif _shape(w) != (K,) + dims:
+        raise ValueError(f"{op}: {name} must have shape (K, D, H, W) = {(K,) + dims}, got {_shape(w)}")
+    check_weight_dtype(op, name, w, s)
+
+
+#: the weight dtypes each state dtype takes (mixed precision: weights may be
+#: stored in a lower precision than the state; accumulation stays fp32/fp64)
+WEIGHT_DTYPES = {
+    torch.float64: (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    torch.float32: (torch.float32, torch.float16, torch.bfloat16),
+    torch.float16: (torch.float16,),
+    torch.bfloat16: (torch.bfloat16,),
+}
+
+
+def check_weight_dtype(op: str, name: str, w, s) -> None:
+    """``w`` on the device of ``s``, with the dtype of ``s`` or, for fp32/fp64
+    ``s``, a lower float precision."""
+    allowed = WEIGHT_DTYPES.get(s.dtype, (s.dtype,))
+    if w.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{op}: {name} must have the dtype of s ({s.dtype}), got {w.dtype} "
+                        f"(the weight dtypes {s.dtype} state takes: {names})")
+    if w.device != s.device:
+        raise ValueError(f"{op}: {name} must be on the device of s ({s.device}), got {w.device}")
 
 
 def check_same(op: str, name: str, t, s, what: str = "s") -> None:

@@ -36,6 +36,7 @@
 
 #include "../stencil.h"
 #include "activations.h"
+#include "dispatch.h"
 #include "lattice.h"
 #include "rows.h"
 
@@ -232,13 +233,13 @@ at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at:
 
 // ---- the ops, per dtype ----
 
-template <typename scalar_t>
+template <typename scalar_t, typename w_t>
 void aggregate_forward_impl(const Lattice& L, const at::Tensor& s, const at::Tensor& w, const bool* p_m,
                             at::Tensor& a) {
   using acc_t = acc_type<scalar_t>;
   scalar_t* p_a = a.data_ptr<scalar_t>();
   const int64_t W = L.W, N = L.N;
-  gather_pass<false, scalar_t, scalar_t>(L, s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), p_m,
+  gather_pass<false, w_t, scalar_t>(L, s.data_ptr<scalar_t>(), w.data_ptr<w_t>(), p_m,
                         [&](int64_t bc, int64_t row, const acc_t* acc) {
                           scalar_t* p_o = p_a + bc * N + row * W;
 #pragma omp simd
@@ -246,13 +247,13 @@ void aggregate_forward_impl(const Lattice& L, const at::Tensor& s, const at::Ten
                         });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename w_t>
 void aggregate_transposed_impl(const Lattice& L, const at::Tensor& g, const at::Tensor& w, const bool* p_m,
                                at::Tensor& ds) {
   using acc_t = acc_type<scalar_t>;
   scalar_t* p_ds = ds.data_ptr<scalar_t>();
   const int64_t W = L.W, N = L.N;
-  gather_pass<true, scalar_t, scalar_t>(L, g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), p_m,
+  gather_pass<true, w_t, scalar_t>(L, g.data_ptr<scalar_t>(), w.data_ptr<w_t>(), p_m,
                                       [&](int64_t bc, int64_t row, const acc_t* acc) {
                                         scalar_t* p_o = p_ds + bc * N + row * W;
 #pragma omp simd
@@ -261,14 +262,14 @@ void aggregate_transposed_impl(const Lattice& L, const at::Tensor& g, const at::
 }
 
 // u = Σ_k m·w·s[nbr] + x + bias;  out = (1-α)·s + α·φ(u)
-template <typename scalar_t, int64_t ACT>
-void propagate_forward_impl(const Lattice& L, const scalar_t* p_s, const scalar_t* p_w, const bool* p_m,
+template <typename scalar_t, typename w_t, int64_t ACT>
+void propagate_forward_impl(const Lattice& L, const scalar_t* p_s, const w_t* p_w, const bool* p_m,
                             const scalar_t* p_x, const scalar_t* p_bias, double leak, scalar_t* p_out,
                             acc_type<scalar_t>* p_u) {
   using acc_t = acc_type<scalar_t>;
   const acc_t alpha = static_cast<acc_t>(leak), keep = static_cast<acc_t>(1.0 - leak);
   const int64_t W = L.W, N = L.N, C = L.C;
-  gather_pass<false, scalar_t, scalar_t>(L, p_s, p_w, p_m, [&](int64_t bc, int64_t row, acc_t* acc) {
+  gather_pass<false, w_t, scalar_t>(L, p_s, p_w, p_m, [&](int64_t bc, int64_t row, acc_t* acc) {
     const int64_t base = bc * N + row * W;
     if (p_x != nullptr) {
       const scalar_t* p_xr = p_x + base;
@@ -291,10 +292,10 @@ void propagate_forward_impl(const Lattice& L, const scalar_t* p_s, const scalar_
 }
 
 // du = g·α·φ'(u);  ds = (1-α)·g + Σ_k m·w·du at -o_k;  dw = m·Σ_{b,c} du·s[nbr]
-template <typename scalar_t, int64_t ACT>
-void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar_t* p_s, const scalar_t* p_w,
+template <typename scalar_t, typename w_t, int64_t ACT>
+void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar_t* p_s, const w_t* p_w,
                              const bool* p_m, const acc_type<scalar_t>* p_u, double leak,
-                             acc_type<scalar_t>* p_du, scalar_t* p_ds, scalar_t* p_dw) {
+                             acc_type<scalar_t>* p_du, scalar_t* p_ds, w_t* p_dw) {
   using acc_t = acc_type<scalar_t>;
   const acc_t alpha = static_cast<acc_t>(leak), keep = static_cast<acc_t>(1.0 - leak);
   const int64_t W = L.W, N = L.N;
@@ -303,7 +304,7 @@ void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar
     for (int64_t i = i0; i < i1; ++i) p_du[i] = static_cast<acc_t>(p_g[i]) * alpha * act_grad<ACT>(p_u[i]);
   });
   if (p_ds != nullptr) {
-    gather_pass<true, scalar_t, acc_t>(L, p_du, p_w, p_m, [&](int64_t bc, int64_t row, const acc_t* acc) {
+    gather_pass<true, w_t, acc_t>(L, p_du, p_w, p_m, [&](int64_t bc, int64_t row, const acc_t* acc) {
       const int64_t base = bc * N + row * W;
       const scalar_t* p_gr = p_g + base;
       scalar_t* p_o = p_ds + base;
@@ -311,7 +312,7 @@ void propagate_backward_impl(const Lattice& L, const scalar_t* p_g, const scalar
       for (int64_t i = 0; i < W; ++i) p_o[i] = static_cast<scalar_t>(keep * static_cast<acc_t>(p_gr[i]) + acc[i]);
     });
   }
-  if (p_dw != nullptr) weight_grad_pass<acc_t, scalar_t, scalar_t>(L, p_du, p_s, p_m, p_dw);
+  if (p_dw != nullptr) weight_grad_pass<acc_t, scalar_t, w_t>(L, p_du, p_s, p_m, p_dw);
 }
 
 }  // namespace
@@ -348,8 +349,8 @@ at::Tensor aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std
                              const at::Tensor& offsets, c10::List<bool> periodic) {
   const Lattice L = make_lattice(s, offsets, periodic);
   at::Tensor a = empty_output(s.sizes(), s.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "aggregate_forward", [&] {
-    aggregate_forward_impl<scalar_t>(L, s, w, mask_ptr(mask), a);
+  dispatch_state_weights<false>(s.scalar_type(), w.scalar_type(), [&](auto s0, auto w0) {
+    aggregate_forward_impl<decltype(s0), decltype(w0)>(L, s, w, mask_ptr(mask), a);
   });
   return a;
 }
@@ -358,8 +359,8 @@ at::Tensor aggregate_transposed(const at::Tensor& g, const at::Tensor& w, const 
                                 const at::Tensor& offsets, c10::List<bool> periodic) {
   const Lattice L = make_lattice(g, offsets, periodic);
   at::Tensor ds = empty_output(g.sizes(), g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aggregate_transposed", [&] {
-    aggregate_transposed_impl<scalar_t>(L, g, w, mask_ptr(mask), ds);
+  dispatch_state_weights<false>(g.scalar_type(), w.scalar_type(), [&](auto s0, auto w0) {
+    aggregate_transposed_impl<decltype(s0), decltype(w0)>(L, g, w, mask_ptr(mask), ds);
   });
   return ds;
 }
@@ -385,12 +386,14 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward(const at::Tensor& s, const 
   const auto u_opts = s.options().dtype(acc_scalar_type(s.scalar_type()));
   at::Tensor out = empty_output(s.sizes(), s.options());
   at::Tensor u = save_u ? empty_output(s.sizes(), u_opts) : at::empty({0}, u_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "propagate_forward", [&] {
+  dispatch_state_weights<false>(s.scalar_type(), w.scalar_type(), [&](auto s0, auto w0) {
+    using scalar_t = decltype(s0);
+    using w_t = decltype(w0);
     using acc_t = acc_type<scalar_t>;
     acc_t* p_u = save_u ? u.data_ptr<acc_t>() : nullptr;
     dispatch_act(act, [&](auto ACT) {
-      propagate_forward_impl<scalar_t, decltype(ACT)::value>(
-          L, s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mask_ptr(mask), opt_ptr<scalar_t>(x),
+      propagate_forward_impl<scalar_t, w_t, decltype(ACT)::value>(
+          L, s.data_ptr<scalar_t>(), w.data_ptr<w_t>(), mask_ptr(mask), opt_ptr<scalar_t>(x),
           opt_ptr<scalar_t>(bias), leak, out.data_ptr<scalar_t>(), p_u);
     });
   });
@@ -407,13 +410,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
   at::Tensor du = empty_output(s.sizes(), u.options());
   at::Tensor ds = need_s ? empty_output(s.sizes(), s.options()) : at::empty({0}, s.options());
   at::Tensor dw = need_w ? empty_output(w.sizes(), w.options()) : at::empty({0}, w.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "propagate_backward", [&] {
+  dispatch_state_weights<false>(s.scalar_type(), w.scalar_type(), [&](auto s0, auto w0) {
+    using scalar_t = decltype(s0);
+    using w_t = decltype(w0);
     using acc_t = acc_type<scalar_t>;
     dispatch_act(act, [&](auto ACT) {
-      propagate_backward_impl<scalar_t, decltype(ACT)::value>(
-          L, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), mask_ptr(mask),
+      propagate_backward_impl<scalar_t, w_t, decltype(ACT)::value>(
+          L, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<w_t>(), mask_ptr(mask),
           u.data_ptr<acc_t>(), leak, du.data_ptr<acc_t>(), need_s ? ds.data_ptr<scalar_t>() : nullptr,
-          need_w ? dw.data_ptr<scalar_t>() : nullptr);
+          need_w ? dw.data_ptr<w_t>() : nullptr);
     });
   });
   return {ds, dw, du};
