@@ -1,6 +1,7 @@
 """cellkern: fused kernels for 3-D cellular neural networks."""
 from . import ops
 from .backends import available_backends, backend_status
+from .memory import PROGRESSION, MemoryConfig, fit_dims, memory_estimate
 from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
 
@@ -20,5 +21,9 @@ __all__ = [
     "Competition",
     "PlasticityRule",
     "PlasticityState",
+    "MemoryConfig",
+    "memory_estimate",
+    "fit_dims",
+    "PROGRESSION",
     "__version__",
 ]
