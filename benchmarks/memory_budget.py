@@ -16,14 +16,18 @@ measurement. Two measurements:
   ``/proc/self/status``, reset through ``/proc/self/clear_refs``) over its
   resident set before the run — everything the process touched, Linux only.
 
-Prints both next to the estimate and the ratio estimate/measured, and writes
+Each measurement runs in a fresh (spawned) process, so that neither sees the
+kernel's per-thread inhibition scratch left over by the other. Prints both
+next to the estimate and the ratio estimate/measured, and writes
 ``benchmarks/results/memory-<machine>-<date>.json`` (unless ``--no-json``).
 Exit status 1 when a ratio is outside ``1 ± --tolerance``.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -108,6 +112,17 @@ def training_step(dims, config: MemoryConfig, steps: int = 2, seed: int = 0):
     return run
 
 
+def measure_in_child(method: str, dims, config: MemoryConfig, steps: int) -> int:
+    """The peak of :func:`training_step` by ``method`` (``profiler`` or ``rss``), in a fresh process."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(_measure, method, tuple(dims), config, steps).result()
+
+
+def _measure(method, dims, config, steps):
+    fn = training_step(dims, config, steps)
+    return profiler_peak(fn) if method == "profiler" else rss_peak(fn)
+
+
 def _dims(text: str) -> tuple:
     try:
         d = tuple(int(v) for v in text.split(","))
@@ -149,8 +164,7 @@ def main(argv=None) -> int:
     rows, ok = [], True
     for method in args.method:
         t0 = time.perf_counter()
-        fn = training_step(dims, config, args.steps)
-        peak = profiler_peak(fn) if method == "profiler" else rss_peak(fn)
+        peak = measure_in_child(method, dims, config, args.steps)
         ratio = est / peak if peak else float("nan")
         good = abs(ratio - 1) <= args.tolerance
         ok &= good
