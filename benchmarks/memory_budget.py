@@ -14,7 +14,9 @@ measurement. Two measurements:
   less what was allocated before it;
 - ``rss``: the growth of the process's peak resident set (``VmHWM`` of
   ``/proc/self/status``, reset through ``/proc/self/clear_refs``) over its
-  resident set before the run — everything the process touched, Linux only.
+  resident set before the run — everything the process touched, Linux only;
+  it includes ~40 MB that the first calls cost whatever the lattice (thread
+  stacks, code paged in), so it means something only for lattices of GBs.
 
 Each measurement runs in a fresh (spawned) process, so that neither sees the
 kernel's per-thread inhibition scratch left over by the other. Prints both

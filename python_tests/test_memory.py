@@ -185,3 +185,13 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(bad, exc):
     with pytest.raises(exc, match="parse_bytes: size must"):
         parse_bytes(bad)
+
+
+def test_memory_budget_script_runs():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_budget", "--dims", "12,10,8", "--no-json",
+                           "--method", "profiler"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "profiler  measured" in proc.stdout
+    assert "   ok   " in proc.stdout  # within the default 15 %
