@@ -1,0 +1,317 @@
+"""The main job: run a staged schedule on the fused ops (SPEC §6–§9).
+
+Each stage, top to bottom:
+
+1. the memory budget check (dims that do not fit are reduced along
+   ``ck.PROGRESSION`` and the log says so);
+2. transfer — weights per offset, θ and mask resampled from the previous
+   stage (or fresh weights), traces reset — then pruning when ``sparse_keep < 1``;
+3. ``steps`` lattice steps. Every ``present_steps`` steps a new batch of B
+   training images drives the input face from the zero state. One step is
+   ``s' = propagate(s, w, mask, x)``, then, unless the profile is ``freeze``,
+   ``plasticity_step_(w, y, …)`` on ``y = activity(s, s')`` (the channel mean
+   of |s' − s|, SPEC §3) with lr × profile multiplier (× (1 + γ·saliency)
+   with emergence tracking) and, with clustering, the step's potentiation
+   rescaled by the cluster coordination factors;
+4. every ``cluster_every`` steps re-clustering; every ``monitor_every``
+   steps the monitor (decoder accuracy, emergence metrics, activity, step
+   time, synapse-updates/s, memory), timed apart from training; every
+   ``checkpoint_every`` steps and at the stage end an atomic checkpoint.
+
+A killed run resumed from its checkpoint ends with exactly the weights of an
+uninterrupted run: every random draw comes from generators whose state is saved.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from . import ops
+from .backends.reference import live_synapses
+from .checkpoint import load_checkpoint, save_checkpoint
+from .planning import fit_stage, stage_estimate
+from .config import ScheduleConfig, load_config, save_config
+from .readout import BOUNDARY, PrequentialDecoder, drive, face_features
+from .rules import PlasticityState
+from .schedule import make_rule, profile, transfer
+from .stencil import Geometry, parse_boundary
+from .stencil import stencil as make_stencil
+
+__all__ = ["Trainer", "prune_magnitude"]
+
+CONFIG_NAME = "config.toml"
+
+
+def prune_magnitude(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, *, stencil: str) -> torch.Tensor:
+    """Keep the top ``keep`` share of each cell's live synapses by |w| (ties: lower k).
+
+    Stand-in for ``ck.sparse.prune(w, mask, keep, criterion="magnitude")``
+    until that lands; the trainer calls it in one place (``_prune``).
+    """
+    geom = Geometry(make_stencil(stencil), parse_boundary(BOUNDARY))
+    live = live_synapses(mask, geom, tuple(w.shape[1:]), w.device)
+    if live is None:
+        live = torch.ones_like(w, dtype=torch.bool)
+    score = torch.where(live, w.abs().to(torch.float32), torch.tensor(-1.0))
+    order = torch.sort(score, dim=0, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(w.shape[0]).view(-1, 1, 1, 1).expand_as(order).contiguous())
+    n_keep = torch.ceil(live.sum(0) * keep).long()
+    return live & (rank < n_keep)
+
+
+def load_dataset(cfg: ScheduleConfig):
+    """The run's data: ``"digits"`` (bundled with scikit-learn) or an IDX image file (+ ``data_labels``)."""
+    from . import data
+
+    if cfg.data == "digits":
+        return data.load_digits(seed=cfg.seed)
+    if cfg.data_labels is None:
+        raise ValueError(f"config: data = {cfg.data!r} is an IDX image file and needs data_labels (its label file)")
+    return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
+
+
+class Trainer:
+    """Runs a :class:`~cellkern.config.ScheduleConfig` (see the module docstring).
+
+    Args:
+        config: the schedule.
+        out: the run's folder (config, checkpoints, report, plots); None keeps
+            nothing on disk. Default: None.
+        log: where log lines go. Default: :func:`tqdm.write`.
+        progress: show a progress bar per stage. Default: True.
+        stop_after: stop (as if killed) after this many steps in all; for tests. Default: None.
+
+    Example:
+        >>> import cellkern as ck
+        >>> from cellkern.config import ScheduleConfig, StageConfig
+        >>> cfg = ScheduleConfig(stages=[StageConfig("a", (6, 8, 8), 20)], batch=4, present_steps=5)
+        >>> report = ck.Trainer(cfg, progress=False, log=lambda m: None).run()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ScheduleConfig, out=None, *, log: Callable = tqdm.write, progress: bool = True,
+                 stop_after: Optional[int] = None):
+        self.cfg = config.validate()
+        self.out = None if out is None else pathlib.Path(out)
+        self.log, self.progress, self.stop_after = log, progress, stop_after
+        self.data = load_dataset(self.cfg)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.stage, self.step, self.started, self.done_steps = 0, 0, False, 0
+        self.w = self.mask = self.pstate = self.s = self.x = self.batch_y = None
+        self.clusters = self.factor = self.amp = self.y_prev = None
+        self.w_initial = None
+        self.records: list = []
+        self.decoder = None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / CONFIG_NAME)
+
+    @classmethod
+    def resume(cls, out, **kwargs) -> "Trainer":
+        """The trainer of the run in ``out``, at its last checkpoint."""
+        out = pathlib.Path(out)
+        t = cls(load_config(out / CONFIG_NAME), out, **kwargs)
+        t.load_state_dict(load_checkpoint(out))
+        t.log(f"resumed {out} at stage {t.stage + 1}, step {t.step}")
+        return t
+
+    # -- state ---------------------------------------------------------------------------------
+    _TENSORS = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "amp", "y_prev", "w_initial")
+    _VALUES = ("stage", "step", "started", "done_steps", "records", "decoder")
+
+    def state_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self._TENSORS + self._VALUES}
+        d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
+        d["gen"] = self.gen.get_state()
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in self._TENSORS + self._VALUES:
+            setattr(self, k, d[k])
+        self.pstate = None if d["pstate"] is None else PlasticityState(**d["pstate"])
+        self.gen.set_state(d["gen"])
+
+    def checkpoint(self) -> Optional[pathlib.Path]:
+        return None if self.out is None else save_checkpoint(self.out, self.state_dict())
+
+    # -- stage set-up --------------------------------------------------------------------------
+    def estimate(self, st, dims) -> int:
+        return stage_estimate(self.cfg, st, dims)
+
+    def fit_stage(self, st) -> tuple:
+        return fit_stage(self.cfg, st, log=self.log)
+
+    def _fresh_weights(self, dims, seed) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        K, r = make_stencil(self.cfg.stencil).K, self.cfg.rule
+        return r.w_min + r.w_init * torch.rand((K, *dims), generator=g)
+
+    def _prune(self, w, mask, keep):
+        return prune_magnitude(w, mask, keep, stencil=self.cfg.stencil)
+
+    def start_stage(self) -> None:
+        cfg, st = self.cfg, self.cfg.stages[self.stage]
+        dims = self.fit_stage(st)
+        r = cfg.rule
+        if self.w is None or not st.transfer_learning:
+            w = self._fresh_weights(dims, cfg.seed * 1000 + self.stage)
+            theta, mask = None, None
+            if self.w_initial is None:
+                self.w_initial = w.clone()
+        else:
+            w, theta, mask = transfer(self.w, self.pstate.theta, self.mask, dims, w_min=r.w_min, w_max=r.w_max)
+        self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0)  # traces reset
+        if theta is not None:
+            self.pstate.theta.copy_(theta)
+        if st.sparse_keep < 1:
+            mask = self._prune(w, mask, st.sparse_keep)
+        if mask is None and not st.memory_optimizations:
+            mask = torch.ones_like(w, dtype=torch.bool)
+        elif mask is not None and st.memory_optimizations and bool(mask.all()):
+            mask = None
+        self.w, self.mask = w.contiguous(), mask
+        self.s = self.x = self.batch_y = self.y_prev = None
+        self.clusters = self.factor = self.amp = None
+        self.decoder = PrequentialDecoder(cfg.decoder_buffer, cfg.decoder_alpha, self.data.n_classes)
+        self.records.append(dict(
+            name=st.name, requested_dims=list(st.dims), dims=list(dims), steps=st.steps,
+            profile=st.plasticity_profile, keep=st.sparse_keep, seconds=0.0, train_seconds=0.0,
+            monitor_seconds=0.0, estimated_memory_bytes=self.estimate(st, dims), history=[], cluster_sizes=[],
+            transferred=bool(st.transfer_learning and self.stage > 0)))
+        self.started = True
+
+    # -- one stage -----------------------------------------------------------------------------
+    def _present(self, dims) -> None:
+        from .data import to_face
+
+        N = self.data.train_x.shape[0]
+        idx = torch.randint(0, N, (self.cfg.batch,), generator=self.gen)
+        faces = to_face(self.data.train_x[idx], dims[1], dims[2])
+        self.x = drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain)
+        self.s = torch.zeros_like(self.x)
+        self.batch_y = self.data.train_y[idx]
+
+    def run_stage(self) -> bool:
+        """Run the current stage to its end; False when stopped by ``stop_after``."""
+        cfg, st = self.cfg, self.cfg.stages[self.stage]
+        if not self.started:
+            self.start_stage()
+        rec = self.records[-1]
+        dims = tuple(rec["dims"])
+        prof = profile(st.plasticity_profile)
+        rule = make_rule(cfg.rule, prof, st.activity_threshold)
+        thr = rule.activity_threshold
+        kw = dict(stencil=cfg.stencil, boundary=BOUNDARY)
+        n_syn = self._live_count()
+        bar = tqdm(total=st.steps, initial=self.step, desc=f"stage {self.stage + 1}/{len(cfg.stages)} {st.name} "
+                   f"{'x'.join(map(str, dims))}", disable=not self.progress, unit="step", leave=True)
+        t_stage = time.perf_counter()
+        with torch.no_grad():
+            while self.step < st.steps:
+                if self.stop_after is not None and self.done_steps >= self.stop_after:
+                    bar.close()
+                    return False
+                t0 = time.perf_counter()
+                if self.step % cfg.present_steps == 0 or self.s is None:
+                    self._present(dims)
+                s_new = ops.propagate(self.s, self.w, self.mask, x=self.x, leak=cfg.leak, activation="tanh", **kw)
+                y = ops.activity(self.s, s_new)
+                if prof.lr_multiplier > 0:
+                    lr = prof.lr_multiplier if self.amp is None else prof.lr_multiplier * self.amp
+                    w_before = self.w.clone() if self.factor is not None else None
+                    ops.plasticity_step_(self.w, y, self.pstate, rule, self.mask, lr_scale=lr,
+                                         activity_threshold=thr, **kw)
+                    if w_before is not None:
+                        from .clustering import coordinate_
+
+                        coordinate_(self.w, w_before, self.factor, w_min=cfg.rule.w_min, w_max=cfg.rule.w_max,
+                                    mask=self.mask)
+                self.s = s_new
+                self.step += 1
+                self.done_steps += 1
+                if self.step % cfg.present_steps == 0 and st.decoder_monitoring:
+                    self.decoder.observe(face_features(self.s), self.batch_y)
+                if st.clustering_enabled and self.step % cfg.cluster_every == 0:
+                    self._recluster(y, rec)
+                rec["train_seconds"] += time.perf_counter() - t0
+                if self.step % cfg.monitor_every == 0 or self.step == st.steps:
+                    self._monitor(st, y, thr, n_syn, rec)
+                self.y_prev = y
+                bar.update(1)
+                if cfg.checkpoint_every and self.done_steps % cfg.checkpoint_every == 0 and self.step < st.steps:
+                    self.checkpoint()
+        bar.close()
+        rec["seconds"] += time.perf_counter() - t_stage
+        rec["synapse_updates_per_s"] = n_syn * cfg.batch * st.steps / max(rec["train_seconds"], 1e-12)
+        rec["live_synapses"] = n_syn
+        rec["peak_memory_bytes"] = self._held_bytes()
+        rec["_activity_slice"] = None if self.y_prev is None else self.y_prev.mean(0)[dims[0] // 2].tolist()
+        rec["_cluster_slice"] = None if self.clusters is None else self.clusters[dims[0] // 2].tolist()
+        accs = [h["decoder_accuracy"] for h in rec["history"] if h.get("decoder_accuracy") is not None]
+        rec["decoder_accuracy"] = accs[-1] if accs else None
+        self.stage, self.step, self.started = self.stage + 1, 0, False
+        self.checkpoint()
+        return True
+
+    def _live_count(self) -> int:
+        geom = Geometry(make_stencil(self.cfg.stencil), parse_boundary(BOUNDARY))
+        live = live_synapses(self.mask, geom, tuple(self.w.shape[1:]), self.w.device)
+        return int(self.w.numel() if live is None else live.sum())
+
+    def _held_bytes(self) -> int:
+        """Bytes of the tensors the stage holds (state, drive, weights, mask,
+        traces, θ, cluster factors, lr scale) plus one step's s' and y."""
+        ts = [self.w, self.mask, self.s, self.x, self.factor, self.amp, self.clusters, self.y_prev,
+              self.pstate.x_pre, self.pstate.x_post, self.pstate.theta]
+        held = sum(t.numel() * t.element_size() for t in ts if t is not None)
+        if torch.cuda.is_available() and self.w.is_cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return int(held + (0 if self.s is None else self.s.numel() * self.s.element_size()))
+
+    def _recluster(self, y, rec) -> None:
+        from .clustering import cluster_cells, coordination_factor
+
+        labels, _ = cluster_cells(self.w, activity=y.mean(0), k=self.cfg.clusters,
+                                  seed=self.cfg.seed + self.done_steps, mask=self.mask)
+        self.clusters = labels
+        self.factor = coordination_factor(labels, self.cfg.kappa, stencil=self.cfg.stencil, boundary=BOUNDARY)
+        rec["cluster_sizes"].append(dict(step=self.step, sizes=torch.bincount(labels.flatten(),
+                                                                             minlength=self.cfg.clusters).tolist()))
+
+    def _monitor(self, st, y, thr, n_syn, rec) -> None:
+        """One monitor point (SPEC §9), timed as monitor overhead."""
+        t0 = time.perf_counter()
+        h = dict(step=self.step, activity=float(y.mean()), step_seconds=rec["train_seconds"] / max(self.step, 1))
+        h["synapse_updates_per_s"] = n_syn * self.cfg.batch / max(h["step_seconds"], 1e-12)
+        h["memory_bytes"] = self._held_bytes()
+        if st.decoder_monitoring:
+            h["decoder_accuracy"] = self.decoder.evaluate()
+        if st.emergence_tracking:
+            from .emergence import branching_ratio, emergence_metrics, saliency, weight_field
+
+            field = weight_field(self.w, self.mask)
+            h["weights"] = {k: float(v) for k, v in emergence_metrics(field).items()}
+            h["activity_field"] = {k: float(v) for k, v in emergence_metrics(y.mean(0).float()).items()}
+            if self.y_prev is not None:
+                h["branching_ratio"] = float(branching_ratio(self.y_prev > thr, y > thr))
+            if self.cfg.amplification > 0:
+                self.amp = (1.0 + self.cfg.amplification * saliency(field)).to(torch.float32).contiguous()
+        rec["history"].append(h)
+        rec["monitor_seconds"] += time.perf_counter() - t0
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> Optional[dict]:
+        """Run every remaining stage, evaluate, write the report; None when stopped early."""
+        while self.stage < len(self.cfg.stages):
+            if not self.run_stage():
+                return None
+        from .report import build_report, write_report
+
+        report = build_report(self)
+        if self.out is not None:
+            write_report(report, self, self.out, log=self.log)
+        return report
