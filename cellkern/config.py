@@ -197,7 +197,8 @@ class ScheduleConfig:
         seed: seeds weights, data split, sampling and clustering. Default: 0.
         data: ``"digits"`` (scikit-learn's bundled 8×8 digits) or the path of
             an IDX image file. Default: ``"digits"``.
-        data_labels: the IDX label file that goes with ``data``. Default: None.
+        data_labels: the IDX label file that goes with ``data``. Default: None
+            (MNIST's naming: ``train-images-idx3-ubyte`` → ``train-labels-idx1-ubyte``).
         budget: the memory budget, bytes or a string such as ``"24GB"``; None
             takes the device's memory. Default: None.
         monitor_every: steps between decoder/emergence reports (SPEC §9). Default: 50.

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from . import ops
 from .backends.reference import live_synapses
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .planning import fit_stage, stage_estimate
 from .config import ScheduleConfig, load_config, save_config
 from .readout import BOUNDARY, PrequentialDecoder, drive, face_features
@@ -65,13 +65,12 @@ def prune_magnitude(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, 
 
 
 def load_dataset(cfg: ScheduleConfig):
-    """The run's data: ``"digits"`` (bundled with scikit-learn) or an IDX image file (+ ``data_labels``)."""
+    """The run's data: ``"digits"`` (bundled with scikit-learn) or an IDX image file
+    with its labels (``data_labels``, or MNIST's naming: ``images`` → ``labels``)."""
     from . import data
 
     if cfg.data == "digits":
         return data.load_digits(seed=cfg.seed)
-    if cfg.data_labels is None:
-        raise ValueError(f"config: data = {cfg.data!r} is an IDX image file and needs data_labels (its label file)")
     return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
 
 
@@ -112,11 +111,17 @@ class Trainer:
 
     @classmethod
     def resume(cls, out, **kwargs) -> "Trainer":
-        """The trainer of the run in ``out``, at its last checkpoint."""
+        """The trainer of the run in ``out``, at its last checkpoint (from the
+        start when it was killed before its first checkpoint)."""
         out = pathlib.Path(out)
+        if not (out / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"resume: {str(out)!r} holds no run (no {CONFIG_NAME})")
         t = cls(load_config(out / CONFIG_NAME), out, **kwargs)
+        if not (out / CHECKPOINT_NAME).is_file():
+            t.log(f"resumed {out}: no checkpoint yet, starting from the beginning")
+            return t
         t.load_state_dict(load_checkpoint(out))
-        t.log(f"resumed {out} at stage {t.stage + 1}, step {t.step}")
+        t.log(f"resumed {out} at stage {min(t.stage + 1, len(t.cfg.stages))}, step {t.step}")
         return t
 
     # -- state ---------------------------------------------------------------------------------
