@@ -1,9 +1,12 @@
 """cellkern: fused kernels for 3-D cellular neural networks."""
 from . import ops
+from . import schedule
 from .backends import available_backends, backend_status
+from .config import ScheduleConfig, StageConfig, load_config
 from .memory import PROGRESSION, MemoryConfig, fit_dims, memory_estimate
 from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 
@@ -25,5 +28,10 @@ __all__ = [
     "memory_estimate",
     "fit_dims",
     "PROGRESSION",
+    "schedule",
+    "StageConfig",
+    "ScheduleConfig",
+    "load_config",
+    "Trainer",
     "__version__",
 ]
