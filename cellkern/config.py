@@ -153,7 +153,7 @@ class RuleConfig:
             Default: 0.01, 0.01, 0.01, 20, 20.
         bcm_lr: η_bcm. Default: 0.01.
         w_min, w_max: weight bounds. Default: 0.1, 2.0.
-        w_init: initial weights are uniform in [w_min, w_min + w_init]. Default: 0.05.
+        w_init: initial weights are uniform in [w_min, w_min + w_init]. Default: 0.3.
         theta0: the BCM threshold's start value θ₀. Default: 0.01.
     """
 
@@ -165,7 +165,7 @@ class RuleConfig:
     bcm_lr: float = 0.01
     w_min: float = 0.1
     w_max: float = 2.0
-    w_init: float = 0.05
+    w_init: float = 0.3
     theta0: float = 0.01
 
     def validate(self, ctx: str = "rule") -> "RuleConfig":
@@ -203,7 +203,9 @@ class ScheduleConfig:
             takes the device's memory. Default: None.
         monitor_every: steps between decoder/emergence reports (SPEC §9). Default: 50.
         batch: B, samples presented together. Default: 16.
-        present_steps: T, steps each batch of inputs drives the input face. Default: 20.
+        present_steps: T, steps each batch of inputs drives the input face from
+            the zero state; the signal must reach the output face in T steps
+            (about 1.5 steps per layer of depth). Default: 45.
         input_gain: the drive's scale on the input face. Default: 2.0.
         leak: α of the cell update. Default: 0.1.
         cluster_every: steps between re-clusterings. Default: 100.
@@ -215,7 +217,7 @@ class ScheduleConfig:
         decoder_alpha: ridge α of the decoders. Default: 1.0.
         decoder_buffer: rolling buffer of the monitor, in samples. Default: 512.
         eval_samples: at most this many training samples fit the final
-            decoders and at most this many test samples score them. Default: 1000.
+            decoders and at most this many test samples score them. Default: 300.
         rule: the base :class:`RuleConfig`.
     """
 
@@ -228,7 +230,7 @@ class ScheduleConfig:
     budget: Union[int, str, None] = None
     monitor_every: int = 50
     batch: int = 16
-    present_steps: int = 20
+    present_steps: int = 45
     input_gain: float = 2.0
     leak: float = 0.1
     cluster_every: int = 100
@@ -238,7 +240,7 @@ class ScheduleConfig:
     checkpoint_every: Optional[int] = None
     decoder_alpha: float = 1.0
     decoder_buffer: int = 512
-    eval_samples: int = 1000
+    eval_samples: int = 300
     rule: RuleConfig = field(default_factory=RuleConfig)
 
     def validate(self) -> "ScheduleConfig":

@@ -81,19 +81,19 @@ class PrequentialDecoder:
             n -= self.x.pop(0).shape[0]
             self.y.pop(0)
 
-    def evaluate(self):
-        """Held-out accuracy of the previous fit on the new samples (None if
-        there is no previous fit or nothing new), then refit."""
+    def evaluate(self) -> tuple:
+        """``(accuracy, n)``: the previous fit's held-out accuracy on the ``n``
+        new samples (None, 0 without a previous fit or new samples); then refit."""
         from .monitor import RidgeDecoder
 
         if not self.x:
-            return None
+            return None, 0
         X, Y = torch.cat(self.x), torch.cat(self.y)
-        acc = None
+        acc, k = None, 0
         if self.decoder is not None and self.new > 0:
             k = min(self.new, X.shape[0])
             acc = float(self.decoder.score(X[-k:], Y[-k:]))
         if torch.unique(Y).numel() > 1:
             self.decoder = RidgeDecoder(alpha=self.alpha, n_classes=self.n_classes).fit(X, Y)
         self.new = 0
-        return acc
+        return acc, k

@@ -2,7 +2,8 @@
 
 ``report.json`` holds ``stages`` (each with ``name``, ``dims``, ``steps``,
 ``seconds``, ``synapse_updates_per_s``, ``peak_memory_bytes``,
-``estimated_memory_bytes``, ``decoder_accuracy`` and its ``history`` of
+``estimated_memory_bytes``, ``decoder_accuracy`` — the monitor's held-out
+accuracy over every sample it scored in the stage's second half — and its ``history`` of
 monitor points — decoder accuracy, activity, emergence metrics, branching
 ratio, step time — plus ``cluster_sizes``), ``quality`` and
 ``monitor_overhead`` (monitor seconds / training seconds).
@@ -13,7 +14,7 @@ most) ``eval_samples`` training images and scored on (at most) as many test imag
 * ``trained`` — the output face of the final lattice;
 * ``untrained`` — the same lattice with its initial weights: stage 1's fresh
   weights resampled to the final dims and pruned to the final ``sparse_keep``
-  by the same rule, so only learning differs;
+  by the same rule (survivors rescaled), so only learning differs;
 * ``raw_pixels`` — the images themselves.
 """
 from __future__ import annotations
@@ -55,7 +56,9 @@ def evaluate_quality(trainer) -> dict:
     ytr, yte = data.train_y[:n], data.test_y[:m]
     out = {}
     w0 = resample_field(trainer.w_initial, (D, H, W)).clamp_(cfg.rule.w_min, cfg.rule.w_max)
-    mask0 = trainer._prune(w0, None, st.sparse_keep) if st.sparse_keep < 1 else None
+    mask0 = None
+    if st.sparse_keep < 1:
+        w0, mask0 = trainer._prune(w0, None, st.sparse_keep)
     for name, w, mask in (("trained", trainer.w, trainer.mask), ("untrained", w0, mask0)):
         xtr = lattice_features(ftr, w, mask, **kw)
         xte = lattice_features(fte, w, mask, **kw)

@@ -67,11 +67,11 @@ def default_stages() -> list:
     sized so that ``make demo`` finishes in a few minutes on two CPU cores."""
     S = StageConfig
     return [
-        S("discovery", (16, 16, 16), 400, "discovery", 0.01, clustering_enabled=False, sparse_keep=1.0),
-        S("learning", (20, 20, 20), 400, "learning", 0.02, clustering_enabled=False, sparse_keep=1.0),
-        S("learning-clustered", (24, 24, 24), 400, "learning", 0.03, clustering_enabled=True, sparse_keep=1.0),
-        S("consolidation", (24, 32, 32), 300, "consolidation", 0.05, clustering_enabled=True, sparse_keep=0.3),
-        S("freeze", (30, 40, 40), 100, "freeze", 0.1, clustering_enabled=True, sparse_keep=0.3),
+        S("discovery", (16, 16, 16), 600, "discovery", 0.01, clustering_enabled=False, sparse_keep=1.0),
+        S("learning", (20, 20, 20), 600, "learning", 0.02, clustering_enabled=False, sparse_keep=1.0),
+        S("learning-clustered", (24, 24, 24), 600, "learning", 0.03, clustering_enabled=True, sparse_keep=1.0),
+        S("consolidation", (24, 32, 32), 400, "consolidation", 0.05, clustering_enabled=True, sparse_keep=0.3),
+        S("freeze", (30, 40, 40), 180, "freeze", 0.1, clustering_enabled=True, sparse_keep=0.3),
     ]
 
 

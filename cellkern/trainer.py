@@ -5,7 +5,8 @@ Each stage, top to bottom:
 1. the memory budget check (dims that do not fit are reduced along
    ``ck.PROGRESSION`` and the log says so);
 2. transfer — weights per offset, θ and mask resampled from the previous
-   stage (or fresh weights), traces reset — then pruning when ``sparse_keep < 1``;
+   stage (or fresh weights), traces reset — then pruning when ``sparse_keep < 1``
+   (each cell keeps its largest ``⌈keep·K⌉`` synapses, scaled up to the cell's Σ|w|);
 3. ``steps`` lattice steps. Every ``present_steps`` steps a new batch of B
    training images drives the input face from the zero state. One step is
    ``s' = propagate(s, w, mask, x)``, then, unless the profile is ``freeze``,
@@ -41,27 +42,43 @@ from .schedule import make_rule, profile, transfer
 from .stencil import Geometry, parse_boundary
 from .stencil import stencil as make_stencil
 
-__all__ = ["Trainer", "prune_magnitude"]
+__all__ = ["Trainer", "prune_magnitude", "rescale_survivors"]
 
 CONFIG_NAME = "config.toml"
 
 
 def prune_magnitude(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, *, stencil: str) -> torch.Tensor:
-    """Keep the top ``keep`` share of each cell's live synapses by |w| (ties: lower k).
+    """The mask that keeps, per cell, the ``⌈keep · K_cell⌉`` largest |w| among
+    its live synapses (ties: lower k); K_cell counts the cell's synapses inside
+    the lattice, so a stage with the same ``keep`` as the one before prunes nothing more.
 
-    Stand-in for ``ck.sparse.prune(w, mask, keep, criterion="magnitude")``
-    until that lands; the trainer calls it in one place (``_prune``).
+    Stand-in until ``ck.sparse.prune`` lands; the same result as
+    ``ck.sparse.prune(w * mask, None, keep) & mask`` (pruned synapses rank last
+    with weight 0), the one line ``Trainer._prune`` then calls.
     """
     geom = Geometry(make_stencil(stencil), parse_boundary(BOUNDARY))
-    live = live_synapses(mask, geom, tuple(w.shape[1:]), w.device)
-    if live is None:
-        live = torch.ones_like(w, dtype=torch.bool)
+    dims = tuple(w.shape[1:])
+    valid = live_synapses(None, geom, dims, w.device)
+    valid = torch.ones_like(w, dtype=torch.bool) if valid is None else valid
+    live = valid if mask is None else valid & mask
     score = torch.where(live, w.abs().to(torch.float32), torch.tensor(-1.0))
     order = torch.sort(score, dim=0, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(0, order, torch.arange(w.shape[0]).view(-1, 1, 1, 1).expand_as(order).contiguous())
-    n_keep = torch.ceil(live.sum(0) * keep).long()
+    n_keep = torch.ceil(valid.sum(0) * keep).long()
     return live & (rank < n_keep)
+
+
+def rescale_survivors(w: torch.Tensor, live_before: torch.Tensor, live_after: torch.Tensor, w_min: float,
+                      w_max: float) -> torch.Tensor:
+    """Scale each cell's surviving synapses so that its Σ|w| is what it was
+    before pruning (then clamp to the bounds): pruning removes synapses, not
+    input strength, so the signal still crosses the lattice (SPEC §4's
+    heterosynaptic balance, applied to the cut)."""
+    before = torch.where(live_before, w.abs(), 0).sum(0)
+    after = torch.where(live_after, w.abs(), 0).sum(0)
+    scale = torch.where(after > 0, before / after.clamp(min=1e-30), 1.0)
+    return torch.where(live_after, w * scale, w).clamp_(w_min, w_max)
 
 
 def load_dataset(cfg: ScheduleConfig):
@@ -156,7 +173,10 @@ class Trainer:
         return r.w_min + r.w_init * torch.rand((K, *dims), generator=g)
 
     def _prune(self, w, mask, keep):
-        return prune_magnitude(w, mask, keep, stencil=self.cfg.stencil)
+        """``(w, mask)`` after magnitude pruning to ``keep``, survivors rescaled."""
+        new = prune_magnitude(w, mask, keep, stencil=self.cfg.stencil)
+        old = prune_magnitude(w, mask, 1.0, stencil=self.cfg.stencil)   # the live synapses before
+        return rescale_survivors(w, old, new, self.cfg.rule.w_min, self.cfg.rule.w_max), new
 
     def start_stage(self) -> None:
         cfg, st = self.cfg, self.cfg.stages[self.stage]
@@ -168,12 +188,15 @@ class Trainer:
             if self.w_initial is None:
                 self.w_initial = w.clone()
         else:
-            w, theta, mask = transfer(self.w, self.pstate.theta, self.mask, dims, w_min=r.w_min, w_max=r.w_max)
+            mask = self.mask
+            if mask is not None:  # synapses outside the lattice count as live, or a face layer's void moves inward
+                mask = mask | ~prune_magnitude(self.w, None, 1.0, stencil=cfg.stencil)
+            w, theta, mask = transfer(self.w, self.pstate.theta, mask, dims, w_min=r.w_min, w_max=r.w_max)
         self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0)  # traces reset
         if theta is not None:
             self.pstate.theta.copy_(theta)
         if st.sparse_keep < 1:
-            mask = self._prune(w, mask, st.sparse_keep)
+            w, mask = self._prune(w, mask, st.sparse_keep)
         if mask is None and not st.memory_optimizations:
             mask = torch.ones_like(w, dtype=torch.bool)
         elif mask is not None and st.memory_optimizations and bool(mask.all()):
@@ -188,6 +211,9 @@ class Trainer:
             monitor_seconds=0.0, estimated_memory_bytes=self.estimate(st, dims), history=[], cluster_sizes=[],
             transferred=bool(st.transfer_learning and self.stage > 0)))
         self.started = True
+        self.log(f"stage {self.stage + 1}/{len(cfg.stages)} {st.name}: {'x'.join(map(str, dims))}, "
+                 f"profile {st.plasticity_profile}, keep {st.sparse_keep}, "
+                 f"{'transferred' if self.records[-1]['transferred'] else 'fresh'} weights")
 
     # -- one stage -----------------------------------------------------------------------------
     def _present(self, dims) -> None:
@@ -256,8 +282,9 @@ class Trainer:
         rec["peak_memory_bytes"] = self._held_bytes()
         rec["_activity_slice"] = None if self.y_prev is None else self.y_prev.mean(0)[dims[0] // 2].tolist()
         rec["_cluster_slice"] = None if self.clusters is None else self.clusters[dims[0] // 2].tolist()
-        accs = [h["decoder_accuracy"] for h in rec["history"] if h.get("decoder_accuracy") is not None]
-        rec["decoder_accuracy"] = accs[-1] if accs else None
+        late = [h for h in rec["history"][len(rec["history"]) // 2:] if h.get("decoder_accuracy") is not None]
+        n = sum(h["decoder_samples"] for h in late)
+        rec["decoder_accuracy"] = sum(h["decoder_accuracy"] * h["decoder_samples"] for h in late) / n if n else None
         self.stage, self.step, self.started = self.stage + 1, 0, False
         self.checkpoint()
         return True
@@ -294,7 +321,7 @@ class Trainer:
         h["synapse_updates_per_s"] = n_syn * self.cfg.batch / max(h["step_seconds"], 1e-12)
         h["memory_bytes"] = self._held_bytes()
         if st.decoder_monitoring:
-            h["decoder_accuracy"] = self.decoder.evaluate()
+            h["decoder_accuracy"], h["decoder_samples"] = self.decoder.evaluate()
         if st.emergence_tracking:
             from .emergence import branching_ratio, emergence_metrics, saliency, weight_field
 

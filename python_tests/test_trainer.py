@@ -130,8 +130,8 @@ def test_stage_starts_from_the_transferred_weights(monkeypatch):
     assert torch.equal(starts[1][1], fresh._fresh_weights((8, 10, 10), cfg.seed * 1000 + 1))
 
 
-def test_pruning_keeps_the_largest_weights_per_cell(base):
-    from cellkern.trainer import prune_magnitude
+def test_pruning_keeps_the_largest_weights_per_cell():
+    from cellkern.trainer import prune_magnitude, rescale_survivors
 
     w = torch.rand(26, 4, 5, 5) + 0.1
     w[3] = w[4] = 5.0                      # a tie: both large, both kept
@@ -141,7 +141,14 @@ def test_pruning_keeps_the_largest_weights_per_cell(base):
     keep = mask[:, z].flatten(1)
     top = w[:, z].flatten(1).topk(3, dim=0).indices
     assert torch.equal(keep.gather(0, top), torch.ones_like(top, dtype=torch.bool))
-    assert not mask[:, 0][[k for k in range(26) if k < 9]].any()   # dz = -1 does not exist at z = 0
+    assert not mask[:9, 0].any()           # dz = -1 does not exist at z = 0
+    assert (mask[:, 0].sum(0) == 2).all()  # ⌈0.1 · 17⌉ synapses inside the lattice
+    again = prune_magnitude(w, mask, 0.1, stencil="moore")
+    assert torch.equal(again, mask), "the same keep prunes nothing more"
+    live = prune_magnitude(w, None, 1.0, stencil="moore")
+    w2 = rescale_survivors(w.clamp(max=1.0), live, mask, 0.0, 100.0)
+    l1 = lambda t, m: torch.where(m, t.abs(), 0).sum(0)  # noqa: E731
+    assert torch.allclose(l1(w2, mask), l1(w.clamp(max=1.0), live))
 
 
 def test_budget_reduces_dims_or_stops():
@@ -163,3 +170,16 @@ def test_budget_reduces_dims_or_stops():
     off = tiny_config({"dims": (20, 20, 20), "steps": 6, "progressive_scaling": False}, budget=budget)
     with pytest.raises(ValueError, match="progressive_scaling is off"):
         Trainer(off, progress=False, log=logs.append).run_stage()
+
+
+def test_transferred_mask_keeps_every_layer_connected():
+    """A pruned mask carried to a deeper lattice: the layer next to the input
+    face still has synapses from below (the face's missing ones do not move inward)."""
+    import cellkern as ck
+
+    cfg = tiny_config({"sparse_keep": 0.3})
+    cfg.stages[1].dims = (12, 10, 10)
+    t = run_stages(cfg)
+    below = [k for k, o in enumerate(ck.stencil("moore").offsets.tolist()) if o[0] == -1]
+    assert t.mask[below, 1:].any(0).float().mean((1, 2)).min() > 0.9
+    assert not t.mask[below, 0].any()
