@@ -91,6 +91,15 @@ def load_dataset(cfg: ScheduleConfig):
     return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
 
 
+def _peak_rss() -> Optional[int]:
+    """The process's peak resident set in bytes (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 class Trainer:
     """Runs a :class:`~cellkern.config.ScheduleConfig` (see the module docstring).
 
@@ -280,6 +289,7 @@ class Trainer:
         rec["synapse_updates_per_s"] = n_syn * cfg.batch * st.steps / max(rec["train_seconds"], 1e-12)
         rec["live_synapses"] = n_syn
         rec["peak_memory_bytes"] = self._held_bytes()
+        rec["process_peak_rss_bytes"] = _peak_rss()
         rec["_activity_slice"] = None if self.y_prev is None else self.y_prev.mean(0)[dims[0] // 2].tolist()
         rec["_cluster_slice"] = None if self.clusters is None else self.clusters[dims[0] // 2].tolist()
         late = [h for h in rec["history"][len(rec["history"]) // 2:] if h.get("decoder_accuracy") is not None]
@@ -295,8 +305,10 @@ class Trainer:
         return int(self.w.numel() if live is None else live.sum())
 
     def _held_bytes(self) -> int:
-        """Bytes of the tensors the stage holds (state, drive, weights, mask,
-        traces, θ, cluster factors, lr scale) plus one step's s' and y."""
+        """Measured bytes of the stage's tensors: on CPU the live tensors it
+        holds (state, drive, weights, mask, traces, θ, cluster factors, lr
+        scale) plus one step's s'; on CUDA ``torch.cuda.max_memory_allocated``.
+        (``process_peak_rss_bytes`` in the report is the whole process's peak.)"""
         ts = [self.w, self.mask, self.s, self.x, self.factor, self.amp, self.clusters, self.y_prev,
               self.pstate.x_pre, self.pstate.x_post, self.pstate.theta]
         held = sum(t.numel() * t.element_size() for t in ts if t is not None)
