@@ -31,6 +31,7 @@ def test_report_keys(tiny_run):
         assert STAGE_KEYS <= set(st)
         assert st["steps"] == 24 and st["seconds"] > 0 and st["synapse_updates_per_s"] > 0
         assert st["peak_memory_bytes"] > 0 and st["estimated_memory_bytes"] > 0
+        assert st["process_peak_rss_bytes"] >= st["peak_memory_bytes"]
         h = st["history"][-1]
         assert {"step", "activity", "step_seconds", "synapse_updates_per_s", "memory_bytes", "decoder_accuracy",
                 "weights", "activity_field"} <= set(h)
