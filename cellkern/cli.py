@@ -48,9 +48,9 @@ def run(config_path, out, resume, progress) -> None:
             trainer = Trainer.resume(resume, progress=progress)
         else:
             trainer = Trainer(_config(config_path), out, progress=progress)
+        report = trainer.run()
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    report = trainer.run()
     click.echo("")
     click.echo(summary_table(report))
 

@@ -6,7 +6,10 @@
 accuracy over every sample it scored in the stage's second half — and its ``history`` of
 monitor points — decoder accuracy, activity, emergence metrics, branching
 ratio, step time — plus ``cluster_sizes``), ``quality`` and
-``monitor_overhead`` (monitor seconds / training seconds).
+``monitor_overhead`` (monitor seconds / training seconds). A stage's
+``synapse_updates_per_s`` is live synapses × B × steps / training seconds
+(every step propagates through every live synapse for each of the B samples
+and, unless the stage is frozen, updates it).
 
 ``quality`` compares held-out accuracies of a ridge decoder fitted on (at
 most) ``eval_samples`` training images and scored on (at most) as many test images:

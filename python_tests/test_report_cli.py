@@ -108,3 +108,9 @@ def test_data_from_idx_files(tmp_path):
     t.run_stage()
     with pytest.raises(ValueError, match="labels_path is needed"):
         Trainer(tiny_config(data=str(tmp_path / "img.idx")), progress=False)
+
+
+def test_run_reports_a_budget_too_small(tmp_path):
+    path = save_config(tiny_config({"progressive_scaling": False}, budget=1000), tmp_path / "t.toml")
+    res = CliRunner().invoke(main, ["run", "--config", str(path), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code != 0 and "progressive_scaling is off" in res.output
