@@ -1,8 +1,11 @@
 """cellkern: fused kernels for 3-D cellular neural networks."""
-from . import nn, ops, sparse
+from . import nn, ops, schedule, sparse
 from .backends import available_backends, backend_status
+from .config import ScheduleConfig, StageConfig, load_config
+from .memory import PROGRESSION, MemoryConfig, fit_dims, memory_estimate
 from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 
@@ -22,5 +25,14 @@ __all__ = [
     "Competition",
     "PlasticityRule",
     "PlasticityState",
+    "MemoryConfig",
+    "memory_estimate",
+    "fit_dims",
+    "PROGRESSION",
+    "schedule",
+    "StageConfig",
+    "ScheduleConfig",
+    "load_config",
+    "Trainer",
     "__version__",
 ]

@@ -1,6 +1,7 @@
 """The ``cellkern`` command line."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -21,13 +22,84 @@ def info() -> None:
     click.echo(describe())
 
 
+def _config(path):
+    from .config import ScheduleConfig, load_config
+
+    return load_config(path) if path else ScheduleConfig().validate()
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="schedule file (.toml/.yaml); default: the built-in schedule of SPEC §8")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="folder for the config copy, checkpoints, report.json and plots")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="continue the run in this folder from its last checkpoint")
+@click.option("--progress/--no-progress", default=True, help="progress bar per stage")
+def run(config_path, out, resume, progress) -> None:
+    """Run the staged schedule (the main job) and write its report."""
+    from .report import summary_table
+    from .trainer import Trainer
+
+    try:
+        if resume:
+            if config_path:
+                raise click.UsageError("--resume continues with the run's own config; drop --config")
+            trainer = Trainer.resume(resume, progress=progress)
+        else:
+            trainer = Trainer(_config(config_path), out, progress=progress)
+        report = trainer.run()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("")
+    click.echo(summary_table(report))
+
+
+@main.command()
+@click.option("--budget", default="24GB", show_default=True, help="memory budget, e.g. 24GB, 16GiB, 512MB")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="schedule file; default: the built-in schedule")
+def plan(budget, config_path) -> None:
+    """Per stage: dims, cells, synapses and estimated memory under a budget,
+    and the largest preset that fits."""
+    from .memory import fit_dims, parse_bytes
+    from .planning import fit_stage, stage_estimate, stage_memory_config
+    from .stencil import stencil as make_stencil
+
+    try:
+        cfg = _config(config_path)
+        budget_bytes = parse_bytes(budget)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    K = make_stencil(cfg.stencil).K
+    click.echo(f"budget {budget} = {budget_bytes / 2**30:.2f} GiB; B = {cfg.batch}, C = {cfg.channels}, "
+               f"{cfg.stencil} (K = {K})")
+    click.echo(f"{'stage':<20} {'dims':>12} {'cells':>12} {'synapses':>14} {'est. memory':>13}  fits")
+    for st in cfg.stages:
+        need = stage_estimate(cfg, st, st.dims)
+        cells = math.prod(st.dims)
+        try:
+            runs = fit_stage(cfg, st, budget_bytes)
+            fits = "yes" if runs == tuple(st.dims) else f"no -> runs at {'x'.join(map(str, runs))}"
+        except ValueError:
+            fits = "no (nothing fits)"
+        click.echo(f"{st.name:<20} {'x'.join(map(str, st.dims)):>12} {cells:>12,} "
+                   f"{math.ceil(st.sparse_keep * K) * cells:>14,} {need / 2**20:>10.1f} MiB  {fits}")
+    try:
+        best = fit_dims(budget_bytes, stage_memory_config(cfg, cfg.stages[-1]))
+        click.echo(f"largest preset that fits (last stage's settings): {'x'.join(map(str, best))} "
+                   f"({math.prod(best):,} cells)")
+    except ValueError as exc:
+        click.echo(f"no preset fits: {exc}")
+
+
 @main.command()
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(1), help="propagation steps")
 def demo(steps: int) -> None:
-    """Run the propagation demo on the embedded glyph."""
-    from .demo import main as run
+    """Run the small propagation demo on an embedded glyph."""
+    from .demo import main as run_demo
 
-    run(steps=steps)
+    run_demo(steps=steps)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -1,94 +1,86 @@
-"""Gradient checkpointing of ``propagate_steps``: the same gradients as the
-plain unroll, a real recomputation, and activation memory ~ T/k + k states
-instead of T (counted with benchmarks.live_bytes.LiveBytes)."""
+"""Checkpoints: atomic writes, and a killed run resumed ends with the weights of an uninterrupted one."""
+import os
+import random
+import signal
+import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
 
-import cellkern as ck
-from cellkern import backends
-from cellkern import sparse as S
-
-from conftest import all_backends, assert_matches_reference, interpreted
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.live_bytes import LiveBytes  # noqa: E402
+from cellkern.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from cellkern.config import save_config
+from cellkern.trainer import Trainer
+from trainer_utils import run_stages, tiny_config
 
 
-def _inputs(dims=(4, 5, 6), B=2, C=3, dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(B, C, *dims, generator=g, dtype=dtype)
-    w = torch.rand(26, *dims, generator=g, dtype=dtype) * 0.1
-    x = torch.randn(B, C, *dims, generator=g, dtype=dtype) * 0.1
-    return s, w, x
+def test_save_is_atomic(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, {"w": torch.ones(3)})
+
+    def torn(obj, fh):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, {"w": torch.zeros(3)})
+    assert torch.equal(load_checkpoint(tmp_path)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == [CHECKPOINT_NAME]
 
 
-@pytest.mark.parametrize("form", ["dense", "ell"])
-@pytest.mark.parametrize("k", [1, 3, 7, 20])
-@pytest.mark.parametrize("backend, device", all_backends())
-def test_checkpointing_gives_the_plain_gradients(backend, device, k, form):
-    slow = interpreted(backend, device)
-    if slow and k not in (1, 3):
-        pytest.skip("interpreted Triton: two segment lengths")
-    dt = torch.float32 if backend == "triton" else torch.float64
-    s, w, x = (t.to(device, dt) for t in _inputs((2, 3, 4) if slow else (4, 5, 6)))
-    mask = S.prune(w, keep=0.5)
-    T = 4 if slow else 7
-
-    def grads(every):
-        sg, wg, xg = (t.clone().requires_grad_() for t in (s, w, x))
-        if form == "ell":
-            w_ell, idx = S.to_ell(wg, mask)
-            wf, mf = w_ell, idx
-        else:
-            wf, mf = wg, mask
-        out = ck.ops.propagate_steps(sg, wf, T, mf, x=xg, leak=0.4, boundary="zero", checkpoint_every=every,
-                                     backend=backend)
-        return (out, *torch.autograd.grad(out, (sg, wg, xg), torch.ones_like(out)))
-
-    plain = grads(None)
-    ckpt = grads(k)
-    for name, a, b in zip(("out", "ds", "dw", "dx"), ckpt, plain):
-        assert_matches_reference(a, b.detach(), name=name)
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
 
 
-def test_checkpointing_recomputes(monkeypatch):
-    """Backward of a checkpointed unroll runs every forward step again."""
-    calls = []
-    ref = backends.reference
-    real = ref.propagate_forward
-    monkeypatch.setattr(ref, "propagate_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    s, w, _ = _inputs()
-    for every, want in ((None, 6), (2, 12), (6, 12)):
-        calls.clear()
-        sg = s.clone().requires_grad_()
-        out = ck.ops.propagate_steps(sg, w, 6, checkpoint_every=every, backend="reference")
-        out.sum().backward()
-        assert len(calls) == want, (every, len(calls))
+def _cfg():
+    return tiny_config(checkpoint_every=5, eval_samples=20)
 
 
-def _peak(T, every, dims=(10, 10, 10), B=2, C=2):
-    s, w, _ = _inputs(dims, B, C, torch.float32)
-    sg = s.clone().requires_grad_()
-    with LiveBytes() as m:
-        out = ck.ops.propagate_steps(sg, w, T, checkpoint_every=every, leak=0.5, backend="reference")
-        out.sum().backward()
-        del out
-    return m.peak / s.nbytes  # in states
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run_stages(_cfg(), out)
+    return load_checkpoint(out)
 
 
-def test_checkpointing_memory_grows_like_t_over_k_plus_k():
-    plain = {T: _peak(T, None) for T in (8, 16, 32)}
-    k4 = {T: _peak(T, 4) for T in (8, 16, 32)}
-    # plain: every step keeps its state and pre-activation (≥ 2 states per step)
-    assert plain[32] - plain[16] >= 2 * 16 * 0.9
-    # checkpointed: one state per k steps, plus one segment of k steps during backward
-    assert k4[32] - k4[16] <= (16 / 4) * 1.5 + 1
-    assert k4[32] < plain[32] / 3
-    # the k term: a longer segment costs more at fixed T
-    assert _peak(32, 16) > _peak(32, 4)
+@pytest.mark.parametrize("stop", [3, 13, 24, 31, 47])
+def test_resume_after_any_step_matches(tmp_path, uninterrupted, stop):
+    """Stopped before the first checkpoint, mid-stage, at a stage end, in the last stage."""
+    t = Trainer(_cfg(), tmp_path, progress=False, log=lambda m: None, stop_after=stop)
+    assert t.run() is None
+    resumed = Trainer.resume(tmp_path, progress=False, log=lambda m: None)
+    assert resumed.done_steps <= stop
+    while resumed.stage < 2:
+        resumed.run_stage()
+    final = load_checkpoint(tmp_path)
+    assert torch.equal(final["w"], uninterrupted["w"])
+    assert torch.equal(final["pstate"]["theta"], uninterrupted["pstate"]["theta"])
+    assert torch.equal(final["mask"], uninterrupted["mask"])
+
+
+def test_killed_subprocess_resumes_to_the_same_weights(tmp_path):
+    """A real SIGKILL of ``cellkern run`` in the middle of the schedule."""
+    cfg = tiny_config(checkpoint_every=5, eval_samples=20, monitor_every=50, cluster_every=50)
+    cfg.stages[0].steps = cfg.stages[1].steps = 150       # long enough to be killed mid-run
+    save_config(cfg, tmp_path / "tiny.toml")
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cellkern.cli", "run", "--config", str(tmp_path / "tiny.toml"), "--no-progress"]
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / CHECKPOINT_NAME
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.3))                # somewhere after the first checkpoint
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    state = load_checkpoint(killed)
+    assert state["stage"] < 2, "killed before the end"
+    res = subprocess.run([sys.executable, "-m", "cellkern.cli", "run", "--resume", str(killed), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "resumed" in res.stdout + res.stderr
+    assert (killed / "report.json").is_file()
+    assert torch.equal(load_checkpoint(killed)["w"], run_stages(cfg).w)

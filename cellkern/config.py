@@ -1,0 +1,370 @@
+"""Schedule configuration (SPEC §8): dataclasses, validation, TOML/YAML files.
+
+A run is a :class:`ScheduleConfig`: global settings (stencil, channels, seed,
+data, memory budget, monitor interval, …), the base plasticity rule
+(:class:`RuleConfig`) and a list of :class:`StageConfig`. A config file holds
+the same structure::
+
+    seed = 0
+    data = "digits"
+    [rule]
+    stdp_lr = 0.01
+    [[stages]]
+    name = "discovery"
+    dims = [16, 16, 16]
+    steps = 400
+    plasticity_profile = "discovery"
+
+Unknown keys are an error that names them; missing keys take the defaults
+below, so a config written for an older version keeps working. Wrong types
+are a ``TypeError`` and bad values a ``ValueError``, each naming the key, the
+expected and the received value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import pathlib
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+__all__ = ["StageConfig", "RuleConfig", "ScheduleConfig", "load_config", "save_config", "config_from_dict"]
+
+PROFILES = ("discovery", "learning", "consolidation", "freeze")
+STENCILS = ("von_neumann", "moore18", "moore")
+
+
+def _where(ctx: str, key: str) -> str:
+    return f"{ctx}.{key}" if ctx else key
+
+
+def _check(ctx, key, value, kind, *, positive=False, nonneg=False, unit=False, choices=None, optional=False):
+    """One field's type and value check; returns the normalised value."""
+    name = _where(ctx, key)
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"config: {name} must be true or false, got {type(value).__name__} {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"config: {name} must be an integer, got {type(value).__name__} {value!r}")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"config: {name} must be a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"config: {name} must be finite, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise TypeError(f"config: {name} must be a string, got {type(value).__name__} {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"config: {name} must be > 0, got {value!r}")
+    if nonneg and not value >= 0:
+        raise ValueError(f"config: {name} must be >= 0, got {value!r}")
+    if unit and not 0 < value <= 1:
+        raise ValueError(f"config: {name} must be in (0, 1], got {value!r}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_dims(ctx: str, dims) -> tuple:
+    """``dims`` as a tuple of 3 positive ints, or a clear error."""
+    name = _where(ctx, "dims")
+    if not isinstance(dims, (list, tuple)):
+        raise TypeError(f"config: {name} must be a list of 3 integers [D, H, W], got {type(dims).__name__} {dims!r}")
+    if len(dims) != 3:
+        raise ValueError(f"config: {name} must have 3 entries [D, H, W], got {len(dims)}: {list(dims)!r}")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"config: {name} must hold integers, got {type(d).__name__} {d!r} in {list(dims)!r}")
+        if d <= 0:
+            raise ValueError(f"config: {name} must be positive, got {list(dims)!r}")
+    return tuple(int(d) for d in dims)
+
+
+@dataclass
+class StageConfig:
+    """One stage of the schedule (SPEC §8).
+
+    Args:
+        name: the stage's label in logs, report and checkpoints. Default: ``"stage"``.
+        dims: lattice dims ``(D, H, W)``; z = 0 is the input face, z = D−1 the
+            output face. Default: (16, 16, 16).
+        steps: lattice steps (one propagation + one plasticity step each). Default: 400.
+        plasticity_profile: ``discovery``, ``learning``, ``consolidation`` or
+            ``freeze`` (:func:`cellkern.schedule.profile`). Default: ``"learning"``.
+        activity_threshold: θ_act of the stage; None takes the profile's. Default: None.
+        clustering_enabled: spherical k-means of the cells every
+            ``cluster_every`` steps, and cluster-coordinated LTP (SPEC §6). Default: False.
+        memory_optimizations: hold no mask while every synapse is live and
+            extract features in chunks of ``batch`` samples. Default: True.
+        emergence_tracking: emergence metrics at every monitor point and
+            pattern amplification, lr × (1 + γ·saliency) (SPEC §7). Default: True.
+        sparse_keep: at the stage start keep this share of each cell's live
+            synapses (magnitude pruning); 1 keeps all. Default: 1.0.
+        progressive_scaling: dims that do not fit the memory budget are reduced
+            along the progression (True) or stop the run with an error (False). Default: True.
+        decoder_monitoring: the ridge decoder on the output face every
+            ``monitor_every`` steps (SPEC §9). Default: True.
+        transfer_learning: start from the previous stage's weights, θ and mask
+            resampled to the new dims (True) or from fresh weights (False). Default: True.
+    """
+
+    name: str = "stage"
+    dims: tuple = (16, 16, 16)
+    steps: int = 400
+    plasticity_profile: str = "learning"
+    activity_threshold: Optional[float] = None
+    clustering_enabled: bool = False
+    memory_optimizations: bool = True
+    emergence_tracking: bool = True
+    sparse_keep: float = 1.0
+    progressive_scaling: bool = True
+    decoder_monitoring: bool = True
+    transfer_learning: bool = True
+
+    def validate(self, ctx: str = "stage") -> "StageConfig":
+        _check(ctx, "name", self.name, str)
+        self.dims = check_dims(ctx, self.dims)
+        _check(ctx, "steps", self.steps, int, positive=True)
+        _check(ctx, "plasticity_profile", self.plasticity_profile, str, choices=PROFILES)
+        self.activity_threshold = _check(ctx, "activity_threshold", self.activity_threshold, float, nonneg=True,
+                                         optional=True)
+        for key in ("clustering_enabled", "memory_optimizations", "emergence_tracking", "progressive_scaling",
+                    "decoder_monitoring", "transfer_learning"):
+            _check(ctx, key, getattr(self, key), bool)
+        self.sparse_keep = _check(ctx, "sparse_keep", self.sparse_keep, float, unit=True)
+        return self
+
+
+@dataclass
+class RuleConfig:
+    """The base plasticity rule of the schedule (SPEC §8: the seeds' original
+    configuration); stage profiles scale its learning rates.
+
+    Args:
+        stdp_lr, a_plus, a_minus, tau_plus, tau_minus: STDP η, A₊, A₋, τ₊, τ₋.
+            Default: 0.01, 0.01, 0.01, 20, 20.
+        bcm_lr: η_bcm. Default: 0.01.
+        w_min, w_max: weight bounds. Default: 0.1, 2.0.
+        w_init: initial weights are uniform in [w_min, w_min + w_init]. Default: 0.3.
+        theta0: the BCM threshold's start value θ₀. Default: 0.01.
+    """
+
+    stdp_lr: float = 0.01
+    a_plus: float = 0.01
+    a_minus: float = 0.01
+    tau_plus: float = 20.0
+    tau_minus: float = 20.0
+    bcm_lr: float = 0.01
+    w_min: float = 0.1
+    w_max: float = 2.0
+    w_init: float = 0.3
+    theta0: float = 0.01
+
+    def validate(self, ctx: str = "rule") -> "RuleConfig":
+        for f in fields(self):
+            positive = f.name in ("tau_plus", "tau_minus", "theta0")
+            setattr(self, f.name, _check(ctx, f.name, getattr(self, f.name), float, positive=positive,
+                                         nonneg=f.name in ("w_init", "bcm_lr", "stdp_lr")))
+        if self.w_min > self.w_max:
+            raise ValueError(f"config: {ctx}.w_min must be <= {ctx}.w_max, got {self.w_min} > {self.w_max}")
+        return self
+
+
+def default_stages() -> list:
+    from .schedule import default_stages as stages
+
+    return stages()
+
+
+@dataclass
+class ScheduleConfig:
+    """A whole run: global settings, the base rule and the stages.
+
+    Args:
+        stages: the :class:`StageConfig` list. Default: the schedule of SPEC §8
+            (:func:`cellkern.schedule.default_stages`).
+        stencil: ``von_neumann``, ``moore18`` or ``moore``. Default: ``"moore"``.
+        channels: C, channels per cell; the input drives channel c with gain
+            ``input_gain · (c + 1) / C``. Default: 4.
+        seed: seeds weights, data split, sampling and clustering. Default: 0.
+        data: ``"digits"`` (scikit-learn's bundled 8×8 digits) or the path of
+            an IDX image file. Default: ``"digits"``.
+        data_labels: the IDX label file that goes with ``data``. Default: None
+            (MNIST's naming: ``train-images-idx3-ubyte`` → ``train-labels-idx1-ubyte``).
+        budget: the memory budget, bytes or a string such as ``"24GB"``; None
+            takes the device's memory. Default: None.
+        monitor_every: steps between decoder/emergence reports (SPEC §9). Default: 50.
+        batch: B, samples presented together. Default: 16.
+        present_steps: T, steps each batch of inputs drives the input face from
+            the zero state; the signal must reach the output face in T steps
+            (about 1.5 steps per layer of depth). Default: 45.
+        input_gain: the drive's scale on the input face. Default: 2.0.
+        leak: α of the cell update. Default: 0.1.
+        cluster_every: steps between re-clusterings. Default: 100.
+        clusters: k of the k-means. Default: 8.
+        kappa: κ, the cluster coordination strength. Default: 0.2.
+        amplification: γ of pattern amplification. Default: 0.5.
+        checkpoint_every: steps between checkpoints inside a stage (one is
+            always written at each stage's end); None: stage ends only. Default: None.
+        decoder_alpha: ridge α of the decoders. Default: 1.0.
+        decoder_buffer: rolling buffer of the monitor, in samples. Default: 512.
+        eval_samples: at most this many training samples fit the final
+            decoders and at most this many test samples score them. Default: 300.
+        rule: the base :class:`RuleConfig`.
+    """
+
+    stages: list = field(default_factory=default_stages)
+    stencil: str = "moore"
+    channels: int = 4
+    seed: int = 0
+    data: str = "digits"
+    data_labels: Optional[str] = None
+    budget: Union[int, str, None] = None
+    monitor_every: int = 50
+    batch: int = 16
+    present_steps: int = 45
+    input_gain: float = 2.0
+    leak: float = 0.1
+    cluster_every: int = 100
+    clusters: int = 8
+    kappa: float = 0.2
+    amplification: float = 0.5
+    checkpoint_every: Optional[int] = None
+    decoder_alpha: float = 1.0
+    decoder_buffer: int = 512
+    eval_samples: int = 300
+    rule: RuleConfig = field(default_factory=RuleConfig)
+
+    def validate(self) -> "ScheduleConfig":
+        if not isinstance(self.stages, list) or not self.stages:
+            raise ValueError(f"config: stages must be a non-empty list of stages, got {self.stages!r}")
+        for i, st in enumerate(self.stages):
+            if not isinstance(st, StageConfig):
+                raise TypeError(f"config: stages[{i}] must be a StageConfig, got {type(st).__name__}")
+            st.validate(f"stages[{i}]")
+        _check("", "stencil", self.stencil, str, choices=STENCILS)
+        for key in ("channels", "monitor_every", "batch", "present_steps", "cluster_every", "clusters",
+                    "decoder_buffer", "eval_samples"):
+            _check("", key, getattr(self, key), int, positive=True)
+        _check("", "seed", self.seed, int, nonneg=True)
+        _check("", "data", self.data, str)
+        _check("", "data_labels", self.data_labels, str, optional=True)
+        if self.budget is not None and not isinstance(self.budget, str):
+            _check("", "budget", self.budget, int, positive=True)
+        for key in ("input_gain", "leak", "kappa", "amplification", "decoder_alpha"):
+            setattr(self, key, _check("", key, getattr(self, key), float, nonneg=True))
+        if self.leak > 1:
+            raise ValueError(f"config: leak must be in [0, 1], got {self.leak!r}")
+        if self.kappa >= 1:
+            raise ValueError(f"config: kappa must be in [0, 1), got {self.kappa!r}")
+        _check("", "checkpoint_every", self.checkpoint_every, int, positive=True, optional=True)
+        if not isinstance(self.rule, RuleConfig):
+            raise TypeError(f"config: rule must be a RuleConfig, got {type(self.rule).__name__}")
+        self.rule.validate()
+        return self
+
+    def budget_bytes(self) -> Optional[int]:
+        """The budget in bytes (None: no budget given)."""
+        if self.budget is None or isinstance(self.budget, int):
+            return self.budget
+        from .memory import parse_bytes
+
+        return parse_bytes(self.budget)
+
+    def to_dict(self) -> dict:
+        """A plain dict (lists for dims, no None values) that :func:`config_from_dict` reads back."""
+        def clean(d):
+            return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
+
+        out = clean({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stages", "rule")})
+        out["rule"] = clean(dataclasses.asdict(self.rule))
+        out["stages"] = [clean(dataclasses.asdict(s)) for s in self.stages]
+        return out
+
+
+def _build(cls, data, ctx: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"config: {ctx or 'the config'} must be a table of keys, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f" in {ctx}" if ctx else ""
+        raise ValueError(f"config: unknown key(s){where}: {', '.join(map(repr, unknown))}; "
+                         f"known keys: {', '.join(sorted(known))}")
+    return data
+
+
+def config_from_dict(data: dict) -> ScheduleConfig:
+    """A validated :class:`ScheduleConfig` from a plain dict (a parsed file).
+
+    Missing keys take the defaults; unknown keys raise ``ValueError`` naming them.
+    """
+    data = dict(_build(ScheduleConfig, data, ""))
+    if "rule" in data:
+        data["rule"] = RuleConfig(**_build(RuleConfig, data["rule"], "rule"))
+    if "stages" in data:
+        stages = data["stages"]
+        if not isinstance(stages, list):
+            raise TypeError(f"config: stages must be a list of tables, got {type(stages).__name__}")
+        data["stages"] = [StageConfig(**_build(StageConfig, s, f"stages[{i}]")) for i, s in enumerate(stages)]
+    return ScheduleConfig(**data).validate()
+
+
+def load_config(path) -> ScheduleConfig:
+    """Read a schedule from a ``.toml``, ``.yaml`` or ``.yml`` file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        with path.open("rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"config: {path} is not valid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError("config: YAML files need PyYAML (pip install pyyaml); TOML needs nothing") from None
+        data = yaml.safe_load(path.read_text()) or {}
+    else:
+        raise ValueError(f"config: file must end in .toml, .yaml or .yml, got {str(path)!r}")
+    return config_from_dict(data)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"config: cannot write {type(v).__name__} {v!r} to TOML")
+
+
+def save_config(config: ScheduleConfig, path) -> pathlib.Path:
+    """Write ``config`` as TOML (or YAML when ``path`` ends in .yaml/.yml)."""
+    path = pathlib.Path(path)
+    d = config.to_dict()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(d, sort_keys=False))
+        return path
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in ("rule", "stages")]
+    lines += ["", "[rule]"] + [f"{k} = {_toml_value(v)}" for k, v in d["rule"].items()]
+    for st in d["stages"]:
+        lines += ["", "[[stages]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,361 @@
+"""The main job: run a staged schedule on the fused ops (SPEC §6–§9).
+
+Each stage, top to bottom:
+
+1. the memory budget check (dims that do not fit are reduced along
+   ``ck.PROGRESSION`` and the log says so);
+2. transfer — weights per offset, θ and mask resampled from the previous
+   stage (or fresh weights), traces reset — then pruning when ``sparse_keep < 1``
+   (each cell keeps its largest ``⌈keep·K⌉`` synapses, scaled up to the cell's Σ|w|);
+3. ``steps`` lattice steps. Every ``present_steps`` steps a new batch of B
+   training images drives the input face from the zero state. One step is
+   ``s' = propagate(s, w, mask, x)``, then, unless the profile is ``freeze``,
+   ``plasticity_step_(w, y, …)`` on ``y = activity(s, s')`` (the channel mean
+   of |s' − s|, SPEC §3) with lr × profile multiplier (× (1 + γ·saliency)
+   with emergence tracking) and, with clustering, the step's potentiation
+   rescaled by the cluster coordination factors;
+4. every ``cluster_every`` steps re-clustering; every ``monitor_every``
+   steps the monitor (decoder accuracy, emergence metrics, activity, step
+   time, synapse-updates/s, memory), timed apart from training; every
+   ``checkpoint_every`` steps and at the stage end an atomic checkpoint.
+
+A killed run resumed from its checkpoint ends with exactly the weights of an
+uninterrupted run: every random draw comes from generators whose state is saved.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from . import ops
+from .backends.reference import live_synapses
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .planning import fit_stage, stage_estimate
+from .config import ScheduleConfig, load_config, save_config
+from .readout import BOUNDARY, PrequentialDecoder, drive, face_features
+from .rules import PlasticityState
+from .schedule import make_rule, profile, transfer
+from .stencil import Geometry, parse_boundary
+from .stencil import stencil as make_stencil
+
+__all__ = ["Trainer", "prune_magnitude", "rescale_survivors"]
+
+CONFIG_NAME = "config.toml"
+
+
+def prune_magnitude(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, *, stencil: str) -> torch.Tensor:
+    """The mask that keeps, per cell, the ``⌈keep · K_cell⌉`` largest |w| among
+    its live synapses (ties: lower k); K_cell counts the cell's synapses inside
+    the lattice, so a stage with the same ``keep`` as the one before prunes nothing more.
+
+    Stand-in until ``ck.sparse.prune`` lands; the same result as
+    ``ck.sparse.prune(w * mask, None, keep) & mask`` (pruned synapses rank last
+    with weight 0), the one line ``Trainer._prune`` then calls.
+    """
+    geom = Geometry(make_stencil(stencil), parse_boundary(BOUNDARY))
+    dims = tuple(w.shape[1:])
+    valid = live_synapses(None, geom, dims, w.device)
+    valid = torch.ones_like(w, dtype=torch.bool) if valid is None else valid
+    live = valid if mask is None else valid & mask
+    score = torch.where(live, w.abs().to(torch.float32), torch.tensor(-1.0))
+    order = torch.sort(score, dim=0, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(w.shape[0]).view(-1, 1, 1, 1).expand_as(order).contiguous())
+    n_keep = torch.ceil(valid.sum(0) * keep).long()
+    return live & (rank < n_keep)
+
+
+def rescale_survivors(w: torch.Tensor, live_before: torch.Tensor, live_after: torch.Tensor, w_min: float,
+                      w_max: float) -> torch.Tensor:
+    """Scale each cell's surviving synapses so that its Σ|w| is what it was
+    before pruning (then clamp to the bounds): pruning removes synapses, not
+    input strength, so the signal still crosses the lattice (SPEC §4's
+    heterosynaptic balance, applied to the cut)."""
+    before = torch.where(live_before, w.abs(), 0).sum(0)
+    after = torch.where(live_after, w.abs(), 0).sum(0)
+    scale = torch.where(after > 0, before / after.clamp(min=1e-30), 1.0)
+    return torch.where(live_after, w * scale, w).clamp_(w_min, w_max)
+
+
+def load_dataset(cfg: ScheduleConfig):
+    """The run's data: ``"digits"`` (bundled with scikit-learn) or an IDX image file
+    with its labels (``data_labels``, or MNIST's naming: ``images`` → ``labels``)."""
+    from . import data
+
+    if cfg.data == "digits":
+        return data.load_digits(seed=cfg.seed)
+    return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
+
+
+def _peak_rss() -> Optional[int]:
+    """The process's peak resident set in bytes (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Runs a :class:`~cellkern.config.ScheduleConfig` (see the module docstring).
+
+    Args:
+        config: the schedule.
+        out: the run's folder (config, checkpoints, report, plots); None keeps
+            nothing on disk. Default: None.
+        log: where log lines go. Default: :func:`tqdm.write`.
+        progress: show a progress bar per stage. Default: True.
+        stop_after: stop (as if killed) after this many steps in all; for tests. Default: None.
+
+    Example:
+        >>> import cellkern as ck
+        >>> from cellkern.config import ScheduleConfig, StageConfig
+        >>> cfg = ScheduleConfig(stages=[StageConfig("a", (6, 8, 8), 20)], batch=4, present_steps=5)
+        >>> report = ck.Trainer(cfg, progress=False, log=lambda m: None).run()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ScheduleConfig, out=None, *, log: Callable = tqdm.write, progress: bool = True,
+                 stop_after: Optional[int] = None):
+        self.cfg = config.validate()
+        self.out = None if out is None else pathlib.Path(out)
+        self.log, self.progress, self.stop_after = log, progress, stop_after
+        self.data = load_dataset(self.cfg)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.stage, self.step, self.started, self.done_steps = 0, 0, False, 0
+        self.w = self.mask = self.pstate = self.s = self.x = self.batch_y = None
+        self.clusters = self.factor = self.amp = self.y_prev = None
+        self.w_initial = None
+        self.records: list = []
+        self.decoder = None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / CONFIG_NAME)
+
+    @classmethod
+    def resume(cls, out, **kwargs) -> "Trainer":
+        """The trainer of the run in ``out``, at its last checkpoint (from the
+        start when it was killed before its first checkpoint)."""
+        out = pathlib.Path(out)
+        if not (out / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"resume: {str(out)!r} holds no run (no {CONFIG_NAME})")
+        t = cls(load_config(out / CONFIG_NAME), out, **kwargs)
+        if not (out / CHECKPOINT_NAME).is_file():
+            t.log(f"resumed {out}: no checkpoint yet, starting from the beginning")
+            return t
+        t.load_state_dict(load_checkpoint(out))
+        t.log(f"resumed {out} at stage {min(t.stage + 1, len(t.cfg.stages))}, step {t.step}")
+        return t
+
+    # -- state ---------------------------------------------------------------------------------
+    _TENSORS = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "amp", "y_prev", "w_initial")
+    _VALUES = ("stage", "step", "started", "done_steps", "records", "decoder")
+
+    def state_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self._TENSORS + self._VALUES}
+        d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
+        d["gen"] = self.gen.get_state()
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in self._TENSORS + self._VALUES:
+            setattr(self, k, d[k])
+        self.pstate = None if d["pstate"] is None else PlasticityState(**d["pstate"])
+        self.gen.set_state(d["gen"])
+
+    def checkpoint(self) -> Optional[pathlib.Path]:
+        return None if self.out is None else save_checkpoint(self.out, self.state_dict())
+
+    # -- stage set-up --------------------------------------------------------------------------
+    def estimate(self, st, dims) -> int:
+        return stage_estimate(self.cfg, st, dims)
+
+    def fit_stage(self, st) -> tuple:
+        return fit_stage(self.cfg, st, log=self.log)
+
+    def _fresh_weights(self, dims, seed) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        K, r = make_stencil(self.cfg.stencil).K, self.cfg.rule
+        return r.w_min + r.w_init * torch.rand((K, *dims), generator=g)
+
+    def _prune(self, w, mask, keep):
+        """``(w, mask)`` after magnitude pruning to ``keep``, survivors rescaled."""
+        new = prune_magnitude(w, mask, keep, stencil=self.cfg.stencil)
+        old = prune_magnitude(w, mask, 1.0, stencil=self.cfg.stencil)   # the live synapses before
+        return rescale_survivors(w, old, new, self.cfg.rule.w_min, self.cfg.rule.w_max), new
+
+    def start_stage(self) -> None:
+        cfg, st = self.cfg, self.cfg.stages[self.stage]
+        dims = self.fit_stage(st)
+        r = cfg.rule
+        if self.w is None or not st.transfer_learning:
+            w = self._fresh_weights(dims, cfg.seed * 1000 + self.stage)
+            theta, mask = None, None
+            if self.w_initial is None:
+                self.w_initial = w.clone()
+        else:
+            mask = self.mask
+            if mask is not None:  # synapses outside the lattice count as live, or a face layer's void moves inward
+                mask = mask | ~prune_magnitude(self.w, None, 1.0, stencil=cfg.stencil)
+            w, theta, mask = transfer(self.w, self.pstate.theta, mask, dims, w_min=r.w_min, w_max=r.w_max)
+        self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0)  # traces reset
+        if theta is not None:
+            self.pstate.theta.copy_(theta)
+        if st.sparse_keep < 1:
+            w, mask = self._prune(w, mask, st.sparse_keep)
+        if mask is None and not st.memory_optimizations:
+            mask = torch.ones_like(w, dtype=torch.bool)
+        elif mask is not None and st.memory_optimizations and bool(mask.all()):
+            mask = None
+        self.w, self.mask = w.contiguous(), mask
+        self.s = self.x = self.batch_y = self.y_prev = None
+        self.clusters = self.factor = self.amp = None
+        self.decoder = PrequentialDecoder(cfg.decoder_buffer, cfg.decoder_alpha, self.data.n_classes)
+        self.records.append(dict(
+            name=st.name, requested_dims=list(st.dims), dims=list(dims), steps=st.steps,
+            profile=st.plasticity_profile, keep=st.sparse_keep, seconds=0.0, train_seconds=0.0,
+            monitor_seconds=0.0, estimated_memory_bytes=self.estimate(st, dims), history=[], cluster_sizes=[],
+            transferred=bool(st.transfer_learning and self.stage > 0)))
+        self.started = True
+        self.log(f"stage {self.stage + 1}/{len(cfg.stages)} {st.name}: {'x'.join(map(str, dims))}, "
+                 f"profile {st.plasticity_profile}, keep {st.sparse_keep}, "
+                 f"{'transferred' if self.records[-1]['transferred'] else 'fresh'} weights")
+
+    # -- one stage -----------------------------------------------------------------------------
+    def _present(self, dims) -> None:
+        from .data import to_face
+
+        N = self.data.train_x.shape[0]
+        idx = torch.randint(0, N, (self.cfg.batch,), generator=self.gen)
+        faces = to_face(self.data.train_x[idx], dims[1], dims[2])
+        self.x = drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain)
+        self.s = torch.zeros_like(self.x)
+        self.batch_y = self.data.train_y[idx]
+
+    def run_stage(self) -> bool:
+        """Run the current stage to its end; False when stopped by ``stop_after``."""
+        cfg, st = self.cfg, self.cfg.stages[self.stage]
+        if not self.started:
+            self.start_stage()
+        rec = self.records[-1]
+        dims = tuple(rec["dims"])
+        prof = profile(st.plasticity_profile)
+        rule = make_rule(cfg.rule, prof, st.activity_threshold)
+        thr = rule.activity_threshold
+        kw = dict(stencil=cfg.stencil, boundary=BOUNDARY)
+        n_syn = self._live_count()
+        bar = tqdm(total=st.steps, initial=self.step, desc=f"stage {self.stage + 1}/{len(cfg.stages)} {st.name} "
+                   f"{'x'.join(map(str, dims))}", disable=not self.progress, unit="step", leave=True)
+        t_stage = time.perf_counter()
+        with torch.no_grad():
+            while self.step < st.steps:
+                if self.stop_after is not None and self.done_steps >= self.stop_after:
+                    bar.close()
+                    return False
+                t0 = time.perf_counter()
+                if self.step % cfg.present_steps == 0 or self.s is None:
+                    self._present(dims)
+                s_new = ops.propagate(self.s, self.w, self.mask, x=self.x, leak=cfg.leak, activation="tanh", **kw)
+                y = ops.activity(self.s, s_new)
+                if prof.lr_multiplier > 0:
+                    lr = prof.lr_multiplier if self.amp is None else prof.lr_multiplier * self.amp
+                    w_before = self.w.clone() if self.factor is not None else None
+                    ops.plasticity_step_(self.w, y, self.pstate, rule, self.mask, lr_scale=lr,
+                                         activity_threshold=thr, **kw)
+                    if w_before is not None:
+                        from .clustering import coordinate_
+
+                        coordinate_(self.w, w_before, self.factor, w_min=cfg.rule.w_min, w_max=cfg.rule.w_max,
+                                    mask=self.mask)
+                self.s = s_new
+                self.step += 1
+                self.done_steps += 1
+                if self.step % cfg.present_steps == 0 and st.decoder_monitoring:
+                    self.decoder.observe(face_features(self.s), self.batch_y)
+                if st.clustering_enabled and self.step % cfg.cluster_every == 0:
+                    self._recluster(y, rec)
+                rec["train_seconds"] += time.perf_counter() - t0
+                if self.step % cfg.monitor_every == 0 or self.step == st.steps:
+                    self._monitor(st, y, thr, n_syn, rec)
+                self.y_prev = y
+                bar.update(1)
+                if cfg.checkpoint_every and self.done_steps % cfg.checkpoint_every == 0 and self.step < st.steps:
+                    self.checkpoint()
+        bar.close()
+        rec["seconds"] += time.perf_counter() - t_stage
+        rec["synapse_updates_per_s"] = n_syn * cfg.batch * st.steps / max(rec["train_seconds"], 1e-12)
+        rec["live_synapses"] = n_syn
+        rec["peak_memory_bytes"] = self._held_bytes()
+        rec["process_peak_rss_bytes"] = _peak_rss()
+        rec["_activity_slice"] = None if self.y_prev is None else self.y_prev.mean(0)[dims[0] // 2].tolist()
+        rec["_cluster_slice"] = None if self.clusters is None else self.clusters[dims[0] // 2].tolist()
+        late = [h for h in rec["history"][len(rec["history"]) // 2:] if h.get("decoder_accuracy") is not None]
+        n = sum(h["decoder_samples"] for h in late)
+        rec["decoder_accuracy"] = sum(h["decoder_accuracy"] * h["decoder_samples"] for h in late) / n if n else None
+        self.stage, self.step, self.started = self.stage + 1, 0, False
+        self.checkpoint()
+        return True
+
+    def _live_count(self) -> int:
+        geom = Geometry(make_stencil(self.cfg.stencil), parse_boundary(BOUNDARY))
+        live = live_synapses(self.mask, geom, tuple(self.w.shape[1:]), self.w.device)
+        return int(self.w.numel() if live is None else live.sum())
+
+    def _held_bytes(self) -> int:
+        """Measured bytes of the stage's tensors: on CPU the live tensors it
+        holds (state, drive, weights, mask, traces, θ, cluster factors, lr
+        scale) plus one step's s'; on CUDA ``torch.cuda.max_memory_allocated``.
+        (``process_peak_rss_bytes`` in the report is the whole process's peak.)"""
+        ts = [self.w, self.mask, self.s, self.x, self.factor, self.amp, self.clusters, self.y_prev,
+              self.pstate.x_pre, self.pstate.x_post, self.pstate.theta]
+        held = sum(t.numel() * t.element_size() for t in ts if t is not None)
+        if torch.cuda.is_available() and self.w.is_cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return int(held + (0 if self.s is None else self.s.numel() * self.s.element_size()))
+
+    def _recluster(self, y, rec) -> None:
+        from .clustering import cluster_cells, coordination_factor
+
+        labels, _ = cluster_cells(self.w, activity=y.mean(0), k=self.cfg.clusters,
+                                  seed=self.cfg.seed + self.done_steps, mask=self.mask)
+        self.clusters = labels
+        self.factor = coordination_factor(labels, self.cfg.kappa, stencil=self.cfg.stencil, boundary=BOUNDARY)
+        rec["cluster_sizes"].append(dict(step=self.step, sizes=torch.bincount(labels.flatten(),
+                                                                             minlength=self.cfg.clusters).tolist()))
+
+    def _monitor(self, st, y, thr, n_syn, rec) -> None:
+        """One monitor point (SPEC §9), timed as monitor overhead."""
+        t0 = time.perf_counter()
+        h = dict(step=self.step, activity=float(y.mean()), step_seconds=rec["train_seconds"] / max(self.step, 1))
+        h["synapse_updates_per_s"] = n_syn * self.cfg.batch / max(h["step_seconds"], 1e-12)
+        h["memory_bytes"] = self._held_bytes()
+        if st.decoder_monitoring:
+            h["decoder_accuracy"], h["decoder_samples"] = self.decoder.evaluate()
+        if st.emergence_tracking:
+            from .emergence import branching_ratio, emergence_metrics, saliency, weight_field
+
+            field = weight_field(self.w, self.mask)
+            h["weights"] = {k: float(v) for k, v in emergence_metrics(field).items()}
+            h["activity_field"] = {k: float(v) for k, v in emergence_metrics(y.mean(0).float()).items()}
+            if self.y_prev is not None:
+                h["branching_ratio"] = float(branching_ratio(self.y_prev > thr, y > thr))
+            if self.cfg.amplification > 0:
+                self.amp = (1.0 + self.cfg.amplification * saliency(field)).to(torch.float32).contiguous()
+        rec["history"].append(h)
+        rec["monitor_seconds"] += time.perf_counter() - t0
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> Optional[dict]:
+        """Run every remaining stage, evaluate, write the report; None when stopped early."""
+        while self.stage < len(self.cfg.stages):
+            if not self.run_stage():
+                return None
+        from .report import build_report, write_report
+
+        report = build_report(self)
+        if self.out is not None:
+            write_report(report, self, self.out, log=self.log)
+        return report
