@@ -21,7 +21,7 @@ measurement. Two measurements:
 Each measurement runs in a fresh (spawned) process, so that neither sees the
 kernel's per-thread inhibition scratch left over by the other. Prints both
 next to the estimate and the ratio estimate/measured, and writes
-``benchmarks/results/memory-<machine>-<date>.json`` (unless ``--no-json``).
+``benchmarks/results/memory_budget-<machine>-<date>.json`` (unless ``--no-json``).
 Exit status 1 when a ratio is outside ``1 ± --tolerance``.
 """
 from __future__ import annotations

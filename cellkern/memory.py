@@ -218,6 +218,8 @@ def memory_breakdown(dims, config: MemoryConfig = MemoryConfig()) -> dict:
             plast["inhibition_scratch"] = BN * acc
         if low:  # the kernel's fp32 copies of y (replaced by y' under competition), traces and θ
             plast["state_casts"] = ((2 if c.competition else 3) * BN + N) * acc
+        if wd < 4:  # fp16/bf16 weights learn in an fp32 working copy, rounded back stochastically
+            plast["weights_fp32_work"] = c.slots * N * 4
         phases["plasticity"] = plast
     if c.autograd:
         T, k = c.steps, c.checkpoint_every

@@ -52,9 +52,9 @@ def prune_magnitude(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, 
     its live synapses (ties: lower k); K_cell counts the cell's synapses inside
     the lattice, so a stage with the same ``keep`` as the one before prunes nothing more.
 
-    Stand-in until ``ck.sparse.prune`` lands; the same result as
-    ``ck.sparse.prune(w * mask, None, keep) & mask`` (pruned synapses rank last
-    with weight 0), the one line ``Trainer._prune`` then calls.
+    Unlike ``ck.sparse.prune``, whose ``keep`` is a fraction of the synapses
+    live *now*, a stage's ``sparse_keep`` is a fraction of the stencil, so that
+    consecutive stages with ``keep = 0.3`` keep 30% of the stencil, not 30% of 30%.
     """
     geom = Geometry(make_stencil(stencil), parse_boundary(BOUNDARY))
     dims = tuple(w.shape[1:])
