@@ -32,6 +32,33 @@ struct PlasticityParams {
   double w_min, w_max;
 };
 
+/// The op schemas pass the parameters as 5 flags and 13 scalars, in this order
+/// (cellkern/backends/cpu.py and cuda.py build the lists).
+constexpr int kParamFlags = 5, kParamScalars = 13;
+
+inline PlasticityParams unpack_params(const bool* f, const double* v) {
+  PlasticityParams P;
+  P.stdp = f[0];
+  P.multiplicative = f[1];
+  P.bcm = f[2];
+  P.competition = f[3];
+  P.normalize = f[4];
+  P.a_plus = v[0];
+  P.a_minus = v[1];
+  P.decay_pre = v[2];
+  P.decay_post = v[3];
+  P.bcm_lr = v[4];
+  P.bcm_decay = v[5];
+  P.tau_theta = v[6];
+  P.theta_min = v[7];
+  P.theta_max = v[8];
+  P.beta = v[9];
+  P.threshold = v[10];
+  P.w_min = v[11];
+  P.w_max = v[12];
+  return P;
+}
+
 /// The per-sample coefficients of one post cell (see the header comment).
 template <typename T>
 struct CellTerms {

@@ -349,26 +349,11 @@ void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at:
                  const std::optional<at::Tensor>& theta, const std::optional<at::Tensor>& gate,
                  const std::optional<at::Tensor>& lr, c10::List<bool> flags, at::ArrayRef<double> scalars) {
   TORCH_CHECK(w.dim() == 4 && w.is_contiguous(), "cellkern_cpu: w must be a contiguous [K, D, H, W] tensor");
-  TORCH_CHECK(flags.size() == 5 && scalars.size() == 13, "cellkern_cpu: plasticity_ takes 5 flags and 13 scalars");
-  PlasticityParams P;
-  P.stdp = flags.get(0);
-  P.multiplicative = flags.get(1);
-  P.bcm = flags.get(2);
-  P.competition = flags.get(3);
-  P.normalize = flags.get(4);
-  P.a_plus = scalars[0];
-  P.a_minus = scalars[1];
-  P.decay_pre = scalars[2];
-  P.decay_post = scalars[3];
-  P.bcm_lr = scalars[4];
-  P.bcm_decay = scalars[5];
-  P.tau_theta = scalars[6];
-  P.theta_min = scalars[7];
-  P.theta_max = scalars[8];
-  P.beta = scalars[9];
-  P.threshold = scalars[10];
-  P.w_min = scalars[11];
-  P.w_max = scalars[12];
+  TORCH_CHECK(flags.size() == kParamFlags && scalars.size() == kParamScalars,
+              "cellkern_cpu: plasticity_ takes 5 flags and 13 scalars");
+  bool f[kParamFlags];
+  for (int i = 0; i < kParamFlags; ++i) f[i] = flags.get(i);
+  const PlasticityParams P = unpack_params(f, scalars.data());
 
   const at::Tensor t_y = opt_tensor(y), t_sp = opt_tensor(spikes), t_xp = opt_tensor(x_pre),
                    t_xq = opt_tensor(x_post), t_th = opt_tensor(theta), t_g = opt_tensor(gate), t_lr = opt_tensor(lr);

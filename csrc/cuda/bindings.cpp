@@ -243,27 +243,11 @@ at::Tensor local_winners(const at::Tensor& y, double threshold, const at::Tensor
 }
 
 PlasticityParams params_of(const c10::List<bool>& flags, at::ArrayRef<double> scalars) {
-  TORCH_CHECK(flags.size() == 5 && scalars.size() == 13, "cellkern_cuda: plasticity_ takes 5 flags and 13 scalars");
-  PlasticityParams P;
-  P.stdp = flags.get(0);
-  P.multiplicative = flags.get(1);
-  P.bcm = flags.get(2);
-  P.competition = flags.get(3);
-  P.normalize = flags.get(4);
-  P.a_plus = scalars[0];
-  P.a_minus = scalars[1];
-  P.decay_pre = scalars[2];
-  P.decay_post = scalars[3];
-  P.bcm_lr = scalars[4];
-  P.bcm_decay = scalars[5];
-  P.tau_theta = scalars[6];
-  P.theta_min = scalars[7];
-  P.theta_max = scalars[8];
-  P.beta = scalars[9];
-  P.threshold = scalars[10];
-  P.w_min = scalars[11];
-  P.w_max = scalars[12];
-  return P;
+  TORCH_CHECK(flags.size() == kParamFlags && scalars.size() == kParamScalars,
+              "cellkern_cuda: plasticity_ takes 5 flags and 13 scalars");
+  bool f[kParamFlags];
+  for (int i = 0; i < kParamFlags; ++i) f[i] = flags.get(i);
+  return unpack_params(f, scalars.data());
 }
 
 void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
