@@ -184,12 +184,15 @@ class Geometry:
     offsets and which axes wrap. Hashable; holds per-device offset tables.
     """
 
-    __slots__ = ("stencil", "boundary", "periodic", "_tables")
+    __slots__ = ("stencil", "boundary", "periodic", "op_args", "_tables")
 
     def __init__(self, st: Stencil, boundary: tuple):
         self.stencil = st
         self.boundary = boundary
         self.periodic = tuple(b == "periodic" for b in boundary)
+        #: ``(offsets, periodic)`` as the ``cellkern::`` custom ops take them: the
+        #: flat offset list ``[dz₀, dy₀, dx₀, …]`` and the per-axis wrap flags
+        self.op_args = (tuple(v for o in st.offset_tuples for v in o), self.periodic)
         self._tables: dict = {}
 
     @property

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .. import backends
@@ -10,6 +9,7 @@ from ..backends.reference import ACTIVATIONS
 from ..stencil import Geometry, Stencil, parse_boundary
 from ..stencil import stencil as make_stencil
 from . import forms as F
+from . import library as L
 from . import validation as V
 
 __all__ = ["aggregate", "propagate", "propagate_steps"]
@@ -35,52 +35,6 @@ def _geometry(op: str, stencil, boundary) -> Geometry:
     if key is not None and len(_GEOMETRIES) < 256:
         _GEOMETRIES[key] = geom
     return geom
-
-
-class _Aggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, w, mask, geom, be):
-        ctx.geom, ctx.be = geom, be
-        ctx.save_for_backward(s, w, mask)
-        return be.aggregate_forward(s, F.weights_for(be, w, s.dtype), mask, geom)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        s, w, mask = ctx.saved_tensors
-        ds, dw = ctx.be.aggregate_backward(
-            V.contiguous(g), s, F.weights_for(ctx.be, w, s.dtype), mask, ctx.geom,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return ds, (None if dw is None else dw.to(w.dtype)), None, None, None
-
-
-class _Propagate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, w, mask, x, bias, geom, leak, activation, be):
-        need = ctx.needs_input_grad
-        save = need[0] or need[1] or need[3] or need[4]
-        out, u = be.propagate_forward(s, F.weights_for(be, w, s.dtype), mask, x, bias, geom, leak, activation,
-                                      save)
-        if save:
-            ctx.save_for_backward(s, w, mask, u)
-        ctx.geom, ctx.leak, ctx.activation, ctx.be = geom, leak, activation, be
-        ctx.x_dtype = None if x is None else x.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        s, w, mask, u = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        ds, dw, du = ctx.be.propagate_backward(
-            V.contiguous(g), s, F.weights_for(ctx.be, w, s.dtype), mask, u, ctx.geom, ctx.leak, ctx.activation,
-            need[0], need[1], need[3] or need[4],
-        )
-        dw = None if dw is None else dw.to(w.dtype)
-        dx = du.to(ctx.x_dtype) if need[3] else None
-        dbias = du.sum(0).to(s.dtype) if need[4] else None
-        return ds, dw, None, dx, dbias, None, None, None, None
 
 
 def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=None):
@@ -122,10 +76,10 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
     geom = _geometry(op, stencil, boundary)
     V.check_state(op, s)
     w, mask, idx = _weights(op, w, mask, geom, s)
-    _, be = backends.select(backend, s.device, op)
+    name, be = backends.select(backend, s.device, op)
     if idx is not None:
         return F.AggregateEll.apply(V.contiguous(s), V.contiguous(w), idx, geom, be)
-    return _Aggregate.apply(V.contiguous(s), V.contiguous(w), V.contiguous(mask), geom, be)
+    return L.aggregate_op(V.contiguous(s), V.contiguous(w), V.contiguous(mask), *geom.op_args, name)
 
 
 def _weights(op, w, mask, geom, s):
@@ -146,17 +100,19 @@ def _prepare_propagate(op, s, w, mask, x, bias, leak, activation, stencil, bound
     V.check_bias(op, bias, s)
     leak = V.check_leak(op, leak)
     activation = V.check_choice(op, "activation", activation, ACTIVATIONS)
-    _, be = backends.select(backend, s.device, op)
+    be = backends.select(backend, s.device, op)  # (name, module)
     if bias is not None and bias.dim() == 1:
         bias = bias.view(-1, 1, 1, 1).expand(bias.shape[0], *s.shape[2:])
     return geom, leak, activation, be, V.contiguous(w), V.contiguous(mask), idx, V.contiguous(bias)
 
 
 def _step(s, w, mask, idx, x, bias, geom, leak, activation, be):
-    """One :func:`propagate` of checked inputs, dense or ELL."""
+    """One :func:`propagate` of checked inputs, dense or ELL; ``be`` is ``(name, module)``."""
+    name, mod = be
     if idx is not None:
-        return F.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, be)
-    return _Propagate.apply(s, w, mask, x, bias, geom, leak, activation, be)
+        return F.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, mod)
+    save_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (s, w, x, bias))
+    return L.propagate_op(s, w, mask, x, bias, *geom.op_args, leak, activation, name, save_u)[0]
 
 
 def _drive(x, s):

@@ -1,0 +1,149 @@
+"""The propagation ops as ``torch.library`` custom ops (namespace ``cellkern``).
+
+``ck.ops.aggregate`` / ``propagate`` / ``propagate_steps`` validate their
+arguments in Python, then call these ops; so ``torch.compile`` (also with
+``fullgraph=True``) sees one opaque node per update with a fake (meta)
+implementation for shapes, ``torch.library.opcheck`` can test them, and
+autograd is registered through the library (``register_autograd``), with the
+backward as custom ops too:
+
+- ``cellkern::aggregate(s, w, mask, offsets, periodic, backend) -> a``
+- ``cellkern::aggregate_backward(g, s, w, mask, offsets, periodic, backend, need_s, need_w) -> (ds, dw)``
+- ``cellkern::propagate(s, w, mask, x, bias, offsets, periodic, leak, activation, backend, save_u) -> (s', u)``
+- ``cellkern::propagate_backward(g, s, w, mask, u, offsets, periodic, leak, activation, backend,
+  need_s, need_w, need_u) -> (ds, dw, du)``
+
+The geometry travels as the flat offset list ``[dz₀, dy₀, dx₀, dz₁, …]`` (the
+stencil's order) and the per-axis ``periodic`` flags; ``backend`` is the name
+the dispatcher picked (the op runs that backend's kernels). Outputs that are
+not wanted (``u`` without ``save_u``, unneeded gradients) are empty tensors.
+The ELL form keeps its own autograd functions (:mod:`.forms`).
+"""
+import functools
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.reference import accumulation_dtype
+from ..stencil import Geometry, Stencil
+from . import forms as F
+
+__all__ = ["aggregate_op", "propagate_op"]
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(offsets: tuple, periodic: tuple) -> Geometry:
+    offs = tuple(tuple(offsets[i:i + 3]) for i in range(0, len(offsets), 3))
+    return Geometry(Stencil("custom", offs), tuple("periodic" if p else "zero" for p in periodic))
+
+
+def _backend(name: str, device: torch.device, op: str):
+    return backends.select(name, device, op)[1]
+
+
+def _empty(t: Tensor) -> Tensor:
+    return t.new_empty(0)
+
+
+# --- aggregate --------------------------------------------------------------
+@torch.library.custom_op("cellkern::aggregate", mutates_args=())
+def aggregate_op(s: Tensor, w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], periodic: Sequence[bool],
+                 backend: str) -> Tensor:
+    be = _backend(backend, s.device, "aggregate")
+    return be.aggregate_forward(s, F.weights_for(be, w, s.dtype), mask, _geometry(tuple(offsets), tuple(periodic)))
+
+
+@aggregate_op.register_fake
+def _(s, w, mask, offsets, periodic, backend):
+    return torch.empty_like(s)
+
+
+@torch.library.custom_op("cellkern::aggregate_backward", mutates_args=())
+def aggregate_backward_op(g: Tensor, s: Tensor, w: Tensor, mask: Optional[Tensor], offsets: Sequence[int],
+                          periodic: Sequence[bool], backend: str, need_s: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+    be = _backend(backend, s.device, "aggregate")
+    ds, dw = be.aggregate_backward(g.contiguous(), s, F.weights_for(be, w, s.dtype), mask,
+                                   _geometry(tuple(offsets), tuple(periodic)), need_s, need_w)
+    return (ds if ds is not None else _empty(s)), (dw.to(w.dtype) if dw is not None else _empty(w))
+
+
+@aggregate_backward_op.register_fake
+def _(g, s, w, mask, offsets, periodic, backend, need_s, need_w):
+    return (torch.empty_like(s) if need_s else _empty(s)), (torch.empty_like(w) if need_w else _empty(w))
+
+
+def _aggregate_setup(ctx, inputs, output):
+    s, w, mask, offsets, periodic, backend = inputs
+    ctx.save_for_backward(s, w, mask)
+    ctx.meta = (offsets, periodic, backend)
+
+
+def _aggregate_backward(ctx, g):
+    s, w, mask = ctx.saved_tensors
+    need_s, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ds, dw = aggregate_backward_op(g, s, w, mask, *ctx.meta, need_s, need_w)
+    return (ds if need_s else None), (dw if need_w else None), None, None, None, None
+
+
+aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
+# --- propagate --------------------------------------------------------------
+@torch.library.custom_op("cellkern::propagate", mutates_args=())
+def propagate_op(s: Tensor, w: Tensor, mask: Optional[Tensor], x: Optional[Tensor], bias: Optional[Tensor],
+                 offsets: Sequence[int], periodic: Sequence[bool], leak: float, activation: str, backend: str,
+                 save_u: bool) -> tuple[Tensor, Tensor]:
+    be = _backend(backend, s.device, "propagate")
+    out, u = be.propagate_forward(s, F.weights_for(be, w, s.dtype), mask, x, bias,
+                                  _geometry(tuple(offsets), tuple(periodic)), leak, activation, save_u)
+    return out, (u if u is not None else _empty(s))
+
+
+@propagate_op.register_fake
+def _(s, w, mask, x, bias, offsets, periodic, leak, activation, backend, save_u):
+    u = s.new_empty(s.shape, dtype=accumulation_dtype(s.dtype)) if save_u else _empty(s)
+    return torch.empty_like(s), u
+
+
+@torch.library.custom_op("cellkern::propagate_backward", mutates_args=())
+def propagate_backward_op(g: Tensor, s: Tensor, w: Tensor, mask: Optional[Tensor], u: Tensor, offsets: Sequence[int],
+                          periodic: Sequence[bool], leak: float, activation: str, backend: str, need_s: bool,
+                          need_w: bool, need_u: bool) -> tuple[Tensor, Tensor, Tensor]:
+    be = _backend(backend, s.device, "propagate")
+    ds, dw, du = be.propagate_backward(g.contiguous(), s, F.weights_for(be, w, s.dtype), mask, u,
+                                       _geometry(tuple(offsets), tuple(periodic)), leak, activation,
+                                       need_s, need_w, need_u)
+    return ((ds if ds is not None else _empty(s)), (dw.to(w.dtype) if dw is not None else _empty(w)),
+            (du if du is not None else _empty(u)))
+
+
+@propagate_backward_op.register_fake
+def _(g, s, w, mask, u, offsets, periodic, leak, activation, backend, need_s, need_w, need_u):
+    return ((torch.empty_like(s) if need_s else _empty(s)), (torch.empty_like(w) if need_w else _empty(w)),
+            (torch.empty_like(u) if need_u else _empty(u)))
+
+
+def _propagate_setup(ctx, inputs, output):
+    s, w, mask, x, bias, offsets, periodic, leak, activation, backend, save_u = inputs
+    ctx.save_for_backward(s, w, mask, output[1])
+    ctx.meta = (offsets, periodic, leak, activation, backend)
+    ctx.x_dtype = None if x is None else x.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _propagate_backward(ctx, g, g_u):
+    s, w, mask, u = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if u.numel() == 0 and any(need[:5]):
+        raise RuntimeError("cellkern::propagate: backward needs the forward to run with save_u=True")
+    offsets, periodic, leak, activation, backend = ctx.meta
+    ds, dw, du = propagate_backward_op(g, s, w, mask, u, offsets, periodic, leak, activation, backend,
+                                       need[0], need[1], need[3] or need[4])
+    dx = du.to(ctx.x_dtype) if need[3] else None
+    dbias = du.sum(0).to(s.dtype) if need[4] else None
+    return ((ds if need[0] else None), (dw if need[1] else None), None, dx, dbias) + (None,) * 6
+
+
+propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_setup)
