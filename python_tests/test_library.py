@@ -105,3 +105,37 @@ def test_backward_without_saved_u_is_an_error():
     out, _ = L.propagate_op(s, w, None, None, None, *_geom().op_args, 0.3, "tanh", "reference", False)
     with pytest.raises(RuntimeError, match="needs the forward to run with save_u=True"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck_plasticity_ops(backend, device):
+    dtype = torch.float32 if interpreted(backend, device) else torch.float64
+    g = torch.Generator().manual_seed(2)
+    dims, B = (4, 3, 5), 2
+    w = (torch.rand(26, *dims, generator=g, dtype=dtype) + 0.5).to(device)
+    m = (torch.rand(26, *dims, generator=g) > 0.3).to(device)
+    y = torch.rand(B, *dims, generator=g, dtype=dtype).to(device)
+    st = ck.PlasticityState.create(dims, B, dtype=dtype, device=device)
+    st.x_pre.uniform_()
+    p = ck.PlasticityRule(w_min=0.0, w_max=2.0).params(activity_threshold=0.3)
+    geo = _geom().op_args
+    torch.library.opcheck(L.plasticity_op, (w, m, *geo, *L.params_args(p), y, None, st.x_pre, st.x_post, st.theta,
+                                            None, None, backend))
+    target = torch.rand(dims, generator=g, dtype=dtype).to(device) + 1
+    torch.library.opcheck(L.normalize_op, (w, m, *geo, target, None, backend))
+    torch.library.opcheck(L.lateral_inhibition_op, (y, 0.5, *geo, backend))
+    torch.library.opcheck(L.local_winners_op, (y, 0.3, *geo, backend))
+
+
+def test_plasticity_op_mutates_what_it_declares():
+    dims = (4, 3, 5)
+    w = torch.rand(26, *dims) + 0.5
+    st = ck.PlasticityState.create(dims, 2)
+    y = torch.rand(2, *dims)
+    before = [t.clone() for t in (w, st.x_pre, st.theta)]
+    p = ck.PlasticityRule(stdp=ck.STDP(lr=1.0), bcm=ck.BCM(lr=1.0), w_min=0.0, w_max=2.0).params()
+    L.plasticity_op(w, None, *_geom().op_args, *L.params_args(p), y, None, st.x_pre, st.x_post, st.theta, None, None,
+                    "reference")
+    assert all(not torch.equal(a, b) for a, b in zip(before, (w, st.x_pre, st.theta)))
+    assert [n.name for n in L.plasticity_op._opoverload._schema.arguments if n.alias_info and n.alias_info.is_write] \
+        == ["w", "x_pre", "x_post", "theta"]

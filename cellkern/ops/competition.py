@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
+from . import library as L
 from . import validation as V
 from .propagate import _geometry
 
@@ -80,7 +81,7 @@ def lateral_inhibition(y, *, beta, stencil="moore", boundary="periodic", backend
     op = "lateral_inhibition"
     beta = V.check_real(op, "beta", beta, nonneg=True)
     geom, be, y = _cells(op, y, stencil, boundary, backend)
-    return be.lateral_inhibition(y, beta, geom)
+    return L.lateral_inhibition_op(y, beta, *geom.op_args, L.backend_name(be))
 
 
 def local_winners(y, threshold, *, stencil="moore", boundary="periodic", backend=None):
@@ -106,4 +107,4 @@ def local_winners(y, threshold, *, stencil="moore", boundary="periodic", backend
     op = "local_winners"
     threshold = V.check_real(op, "threshold", threshold)
     geom, be, y = _cells(op, y, stencil, boundary, backend)
-    return be.local_winners(y, threshold, geom)
+    return L.local_winners_op(y, threshold, *geom.op_args, L.backend_name(be))

@@ -18,6 +18,12 @@ stencil's order) and the per-axis ``periodic`` flags; ``backend`` is the name
 the dispatcher picked (the op runs that backend's kernels). Outputs that are
 not wanted (``u`` without ``save_u``, unneeded gradients) are empty tensors.
 The ELL form keeps its own autograd functions (:mod:`.forms`).
+
+The plasticity family (in place, no autograd; the mutated arguments are
+declared): ``cellkern::plasticity_(w!, mask, offsets, periodic, flags, scalars,
+y, spikes, x_pre!, x_post!, theta!, gate, lr, backend)``,
+``cellkern::heterosynaptic_normalize_(w!, mask, offsets, periodic, target, where, backend)``,
+``cellkern::lateral_inhibition(y, beta, …) -> y'`` and ``cellkern::local_winners(y, threshold, …) -> win``.
 """
 import functools
 from typing import Optional, Sequence
@@ -30,7 +36,8 @@ from ..backends.reference import accumulation_dtype
 from ..stencil import Geometry, Stencil
 from . import forms as F
 
-__all__ = ["aggregate_op", "propagate_op"]
+__all__ = ["aggregate_op", "propagate_op", "plasticity_op", "normalize_op", "lateral_inhibition_op",
+           "local_winners_op"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -147,3 +154,78 @@ def _propagate_backward(ctx, g, g_u):
 
 
 propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_setup)
+
+
+# --- plasticity (in place, no autograd) --------------------------------------
+#: the order of the flags and scalars of ``cellkern::plasticity_`` (csrc/plasticity.h: unpack_params)
+PARAM_FLAGS = ("stdp", "multiplicative", "bcm", "competition", "normalize")
+PARAM_SCALARS = ("a_plus", "a_minus", "decay_pre", "decay_post", "bcm_lr", "bcm_decay", "tau_theta", "theta_min",
+                 "theta_max", "beta", "threshold", "w_min", "w_max")
+
+
+def backend_name(module) -> str:
+    """The name of a backend module (``cellkern.backends.cpu`` → ``"cpu"``)."""
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+def params_args(p) -> tuple:
+    """``(flags, scalars)`` of a :class:`~cellkern.rules.PlasticityParams` as the op takes them."""
+    return tuple(bool(getattr(p, f)) for f in PARAM_FLAGS), tuple(float(getattr(p, f)) for f in PARAM_SCALARS)
+
+
+def _params(flags, scalars):
+    from ..rules import PlasticityParams
+
+    return PlasticityParams(**dict(zip(PARAM_FLAGS, flags)), **dict(zip(PARAM_SCALARS, scalars)))
+
+
+@torch.library.custom_op("cellkern::plasticity_", mutates_args=("w", "x_pre", "x_post", "theta"))
+def plasticity_op(w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], periodic: Sequence[bool],
+                  flags: Sequence[bool], scalars: Sequence[float], y: Optional[Tensor], spikes: Optional[Tensor],
+                  x_pre: Optional[Tensor], x_post: Optional[Tensor], theta: Optional[Tensor], gate: Optional[Tensor],
+                  lr: Optional[Tensor], backend: str) -> None:
+    """The fused plasticity step of SPEC §4, in place on ``w``, the traces and θ."""
+    be = _backend(backend, w.device, "plasticity_step_")
+    be.plasticity_(w, mask, _geometry(tuple(offsets), tuple(periodic)), _params(flags, scalars),
+                   y, spikes, x_pre, x_post, theta, gate, lr)
+
+
+@plasticity_op.register_fake
+def _(w, mask, offsets, periodic, flags, scalars, y, spikes, x_pre, x_post, theta, gate, lr, backend):
+    return None
+
+
+@torch.library.custom_op("cellkern::heterosynaptic_normalize_", mutates_args=("w",))
+def normalize_op(w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], periodic: Sequence[bool],
+                 target: Tensor, where: Optional[Tensor], backend: str) -> None:
+    be = _backend(backend, w.device, "heterosynaptic_normalize_")
+    be.heterosynaptic_normalize_(w, mask, _geometry(tuple(offsets), tuple(periodic)), target, where)
+
+
+@normalize_op.register_fake
+def _(w, mask, offsets, periodic, target, where, backend):
+    return None
+
+
+@torch.library.custom_op("cellkern::lateral_inhibition", mutates_args=())
+def lateral_inhibition_op(y: Tensor, beta: float, offsets: Sequence[int], periodic: Sequence[bool],
+                          backend: str) -> Tensor:
+    be = _backend(backend, y.device, "lateral_inhibition")
+    return be.lateral_inhibition(y, beta, _geometry(tuple(offsets), tuple(periodic)))
+
+
+@lateral_inhibition_op.register_fake
+def _(y, beta, offsets, periodic, backend):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("cellkern::local_winners", mutates_args=())
+def local_winners_op(y: Tensor, threshold: float, offsets: Sequence[int], periodic: Sequence[bool],
+                     backend: str) -> Tensor:
+    be = _backend(backend, y.device, "local_winners")
+    return be.local_winners(y, threshold, _geometry(tuple(offsets), tuple(periodic)))
+
+
+@local_winners_op.register_fake
+def _(y, threshold, offsets, periodic, backend):
+    return torch.empty_like(y, dtype=torch.bool)

@@ -33,6 +33,7 @@ from ..backends.reference import live_synapses
 from .. import sparse as S
 from ..rules import PlasticityParams, PlasticityRule, PlasticityState, WEIGHT_DEPENDENCES
 from . import forms as F
+from . import library as L
 from . import validation as V
 from .rounding import next_step, round_weights_
 from .propagate import _geometry
@@ -144,7 +145,8 @@ def _update(wf: _Weights, geom, seed_step, kernel, be=None):
 def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
     with _InPlace(x_pre, x_post, theta) as (xp_, xq_, th_):
         _update(wf, geom, seed_step,
-                lambda w_, m_: be.plasticity_(w_, m_, geom, p, y, spikes, xp_, xq_, th_, gate, lr), be)
+                lambda w_, m_: L.plasticity_op(w_, m_, *geom.op_args, *L.params_args(p), y, spikes, xp_, xq_, th_,
+                                               gate, lr, L.backend_name(be)), be)
     return wf.w
 
 
@@ -386,5 +388,6 @@ def heterosynaptic_normalize_(w, target, mask=None, *, where=None, seed=0, step=
     seed_step = _sr(op, seed, step)
     acc = torch.float64 if wf.w.dtype == torch.float64 else torch.float32
     tgt, wh = _cast(target, acc), V.contiguous(where)
-    _update(wf, geom, seed_step, lambda w_, m_: be.heterosynaptic_normalize_(w_, m_, geom, tgt, wh), be)
+    _update(wf, geom, seed_step,
+            lambda w_, m_: L.normalize_op(w_, m_, *geom.op_args, tgt, wh, L.backend_name(be)), be)
     return w
