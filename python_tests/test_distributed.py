@@ -36,6 +36,13 @@ def _worker(rank, port, fn, errfile):
         raise
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: with TRITON_INTERPRET=1 (inherited from
+    # conftest) it aborts now and then ("terminate called without an active
+    # exception", ~1 in 3 processes) once the cellkern:: custom ops are
+    # registered; the work and its checks are done by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(fn):

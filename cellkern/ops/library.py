@@ -164,8 +164,11 @@ PARAM_SCALARS = ("a_plus", "a_minus", "decay_pre", "decay_post", "bcm_lr", "bcm_
 
 
 def backend_name(module) -> str:
-    """The name of a backend module (``cellkern.backends.cpu`` → ``"cpu"``)."""
-    return module.__name__.rsplit(".", 1)[-1]
+    """The name under which ``backends.select`` loaded a backend module."""
+    for name, mod in backends._modules.items():
+        if mod is module:
+            return name
+    raise ValueError(f"cellkern: {module!r} is not a loaded backend")
 
 
 def params_args(p) -> tuple:
