@@ -191,10 +191,15 @@ void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const 
             w_rows[k] = nb.slot[k] < 0 ? nullptr : w + k * N + base;
             if (LIVE && m != nullptr && w_rows[k] != nullptr) {
               const int64_t dx = L.dx[k];
-              const bool* p_m = m + k * N + base;
+              const uint8_t* p_m = reinterpret_cast<const uint8_t*>(m + k * N + base);
               A* p_l = live.data() + k * W;
+              const bool px = L.px;
+              // branch-free: a random mask made the short-circuit version mispredict
+              // about every other synapse (4x slower step at 128³ with 70% live)
+#pragma omp simd
               for (int64_t x = 0; x < W; ++x) {
-                p_l[x] = (p_m[x] && (L.px || inside(x + dx, W))) ? A(1) : A(0);
+                const bool ok = px | ((x + dx >= 0) & (x + dx < W));
+                p_l[x] = A(p_m[x] & uint8_t(ok));
               }
             }
           }
