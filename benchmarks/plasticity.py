@@ -30,7 +30,10 @@ Correctness gate: before timing, every op of every backend runs once on fresh
 copies of the inputs and is compared with the reference (w, traces, θ, y', win)
 within :data:`benchmarks.harness.GATE_TOLERANCE`, on the timed lattice when
 the reference runs there, else on ``GATE_DIMS`` with the same B. A mismatch
-marks the row ``FAIL`` (exit status 1).
+marks the row ``FAIL`` (exit status 1). Winners are compared exactly, except
+at near-ties: a cell whose ``y'`` lies within the tolerance of its
+neighbourhood maximum may flip (a last-bit difference of ``y'`` decides it);
+such flips are counted in the row's ``near_tie_flips`` (:func:`near_tie_gate`).
 
 Reported per row, with ``t`` the median time, ``N = D·H·W``, ``K = 26``, ``e``
 the element size of w and the state (one dtype, ``--dtype``), bool = 1 byte:
@@ -56,6 +59,7 @@ the element size of w and the state (one dtype, ``--dtype``), bool = 1 byte:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -106,6 +110,38 @@ def make_inputs(dims, b, dtype, device, seed, be="reference") -> dict:
     target = ck.ops.synapse_l1(w, stencil=STENCIL, boundary=BOUNDARY) * jitter
     return {"w": w, "y": y, "x_pre": st.x_pre, "x_post": st.x_post, "theta": st.theta, "yp": yp, "win": win,
             "z": (yp > RULE.activity_threshold).to(dtype), "target": target, "where": win.any(0)}
+
+
+def neighbourhood_gap(yp):
+    """``y'[b,i] − max_k y'[b,nbr(i,k)]`` (0 outside the zero boundary), fp64."""
+    y = yp.double()
+    best = torch.full_like(y, -math.inf)
+    zero = tuple(b == "zero" for b in ck.parse_boundary(BOUNDARY))
+    for o in ck.stencil(STENCIL).offset_tuples:
+        sh = torch.roll(y, shifts=tuple(-d for d in o), dims=(1, 2, 3))
+        for ax, d in enumerate(o):
+            if zero[ax] and d:  # neighbours beyond a zero face read 0
+                n = y.shape[ax + 1]
+                sh.narrow(ax + 1, n - d if d > 0 else 0, abs(d)).zero_()
+        best = torch.maximum(best, sh)
+    return y - best
+
+
+def near_tie_gate(got, ref, names, dtype) -> tuple:
+    """The winner gate, forgiving flips at near-ties: a cell whose winner differs
+    from the reference passes when its ``y'`` is within the dtype's tolerance of
+    its neighbourhood maximum (a last-bit difference of ``y'`` decides such a
+    tie). Every other tensor must pass :func:`H.gate` as usual. Returns
+    ``(ok, number of forgiven cells)``."""
+    i_win, i_yp = names.index("win"), names.index("y'")
+    rest = [k for k in range(len(names)) if k not in (i_win,)]
+    ok, _ = H.gate([got[k] for k in rest], [ref[k] for k in rest], dtype, names=[names[k] for k in rest])
+    rtol, atol = H.GATE_TOLERANCE[dtype]
+    yp = ref[i_yp].double()
+    tol = atol * max(1.0, yp.abs().max().item()) + rtol * yp.abs()
+    flips = got[i_win].cpu() != ref[i_win].cpu()
+    tie = (neighbourhood_gap(yp).abs() <= tol).cpu()
+    return ok and bool((~flips | tie).all()), int(flips.sum())
 
 
 def clone(inputs: dict) -> dict:
@@ -248,7 +284,10 @@ def run_config(dims, b, args, device, notes) -> list:
                 if name == "reference":
                     row["status"], row["max_abs_err"] = "ref", {k: 0.0 for k in GATE_NAMES[op]}
                 else:
-                    ok, row["max_abs_err"] = H.gate(call(clone(G)), ref[op], args.dtype, names=GATE_NAMES[op])
+                    got = call(clone(G))
+                    ok, row["max_abs_err"] = H.gate(got, ref[op], args.dtype, names=GATE_NAMES[op])
+                    if not ok and "win" in GATE_NAMES[op]:
+                        ok, row["near_tie_flips"] = near_tie_gate(got, ref[op], GATE_NAMES[op], args.dtype)
                     row["status"], row["gate_size"] = ("ok" if ok else "FAIL"), gate_size
                 time_row(row, call, work, args, device, torch.finfo(args.dtype).bits // 8,
                          ref_est[op] if name == "reference" and device.type == "cpu" else None)

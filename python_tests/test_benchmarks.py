@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 import cellkern as ck
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +100,25 @@ def test_plasticity_benchmark_quick():
     n, b, k = 10, 3, 26
     assert bytes_moved("fused", n, b, 4) == 4 * (2 * k * n + 5 * b * n + 2 * n)
     assert bytes_moved("sequence", n, b, 4) == bytes_moved("fused", n, b, 4)
+
+
+def test_plasticity_winner_gate_forgives_only_near_ties():
+    from benchmarks.plasticity import RULE, STENCIL, BOUNDARY, near_tie_gate, neighbourhood_gap
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 7, 6, 5, generator=g) * 0.05
+    kw = dict(stencil=STENCIL, boundary=BOUNDARY)
+    yp = ck.ops.lateral_inhibition(y, beta=0.5, **kw)
+    win = ck.ops.local_winners(yp, RULE.activity_threshold, **kw)
+    assert torch.equal(win, (yp.double() > RULE.activity_threshold) & (neighbourhood_gap(yp) >= 0))
+    names = ("y'", "win")
+    b, z, r, x = torch.nonzero(win)[0].tolist()
+    flipped = win.clone()
+    flipped[b, z, r, x] = False
+    assert near_tie_gate((yp, flipped), (yp, win), names, torch.float32) == (False, 1)
+    tied = yp.clone()
+    tied[b, z, r, (x + 1) % 5] = tied[b, z, r, x]  # a neighbour equal to the winner
+    win_t = ck.ops.local_winners(tied, RULE.activity_threshold, **kw)
+    flipped_t = win_t.clone()
+    flipped_t[b, z, r, x] = ~flipped_t[b, z, r, x]
+    assert near_tie_gate((tied, flipped_t), (tied, win_t), names, torch.float32) == (True, 1)
