@@ -52,12 +52,7 @@ def _synapse_tile(p_off, p_w, p_mask, D, H, W, K, PZ: tl.constexpr, PY: tl.const
     """This program's ``[K_PAD, BLOCK_X]`` tile of synapses (the cells of one row
     segment, all offsets): the cells, the neighbour addresses, the addresses in
     ``w``, which synapses are live (neighbour inside, not masked) and their ``w``."""
-    row = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_x = x < W
-    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
-    N = tl.cast(D, tl.int64) * H * W
-    p_i = row * W + x
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = _stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
     p_kx = kk[:, None].to(tl.int64) * N + p_i[None, :]
     live = m_kx
     if HAS_MASK:
@@ -80,12 +75,7 @@ def _cell_stencil_kernel(
     WINNERS False: ``y'[b,i] = relu(y[b,i] − β·mean_k y[b,nbr(i,k)])``;
     WINNERS True:  ``win[b,i] = y[b,i] > θ_act and y[b,i] ≥ max_k y[b,nbr(i,k)]`` (0/1).
     """
-    row = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_x = x < W
-    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
-    N = tl.cast(D, tl.int64) * H * W
-    p_i = row * W + x
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = _stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
     for b in range(B):
         p_b = b * N
         b_y = tl.load(p_y + p_b + p_i, mask=m_x, other=0.0).to(ACC)

@@ -293,14 +293,18 @@ def _gather_bwd_kernel(
 
 
 @triton.jit
-def _stencil_tile(p_off, row, x, m_x, D, H, W, K,
-                  PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, K_PAD: tl.constexpr):
-    """The ``[K_PAD, BLOCK_X]`` neighbour tile of cells ``x`` of lattice row ``row``.
+def _stencil_tile(p_off, D, H, W, K, PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
+                  K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's ``[K_PAD, BLOCK_X]`` neighbour tile: ``BLOCK_X`` cells ``x``
+    of lattice row ``program_id(0)`` (x-block ``program_id(1)``), all offsets.
 
-    Returns the offset index ``kk``, its mask, the int64 neighbour index
-    ``nbr(i,k)`` and whether that neighbour exists (inside a zero boundary, ``k < K``,
-    ``x < W``).
+    Returns the cells ``x`` and their mask, the offset index ``kk`` and its mask,
+    the int64 neighbour index ``nbr(i,k)``, whether that neighbour exists (inside
+    a zero boundary, ``k < K``, ``x < W``), ``N = D·H·W`` and the cells' index ``i``.
     """
+    row = tl.program_id(0).to(tl.int64)
+    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+    m_x = x < W
     z = row // H
     y = row % H
     kk = tl.arange(0, K_PAD)
@@ -313,7 +317,7 @@ def _stencil_tile(p_off, row, x, m_x, D, H, W, K,
     xx, ok_x = _neighbour(x[None, :], dx[:, None], W, PX)
     m_kx = (m_k & ok_z & ok_y)[:, None] & ok_x & m_x[None, :]
     p_nbr = ((zz * H + yy) * W)[:, None] + xx
-    return kk, m_k, p_nbr, m_kx
+    return x, m_x, kk, m_k, p_nbr, m_kx, tl.cast(D, tl.int64) * H * W, row * W + x
 
 
 @triton.autotune(key=["D", "H", "W", "BC", "K", "HAS_MASK", "FROM_U"], **TILE_TUNING)
@@ -332,12 +336,7 @@ def _weight_grad_kernel(
     stored to ``p_du`` when WRITE_DU. The program owns ``BLOCK_X`` cells of one
     row and all ``K`` offsets, and loops over ``b, c``: each ``e`` is formed once.
     """
-    row = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_x = x < W
-    kk, m_k, p_nbr, m_kx = _stencil_tile(p_off, row, x, m_x, D, H, W, K, PZ, PY, PX, K_PAD)
-    N = tl.cast(D, tl.int64) * H * W
-    p_i = row * W + x
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = _stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
 
     b_acc = tl.zeros([K_PAD, BLOCK_X], dtype=ACC)
     if FROM_U:
