@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -36,23 +37,41 @@ def _config(path):
 @click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="continue the run in this folder from its last checkpoint")
 @click.option("--progress/--no-progress", default=True, help="progress bar per stage")
-def run(config_path, out, resume, progress) -> None:
-    """Run the staged schedule (the main job) and write its report."""
+@click.option("--parallel", type=click.Choice(["data", "domain"]), default=None,
+              help="under torchrun: split the batch (data) or the lattice along z (domain) over the processes")
+def run(config_path, out, resume, progress, parallel) -> None:
+    """Run the staged schedule (the main job) and write its report.
+
+    On several processes: ``torchrun --nproc-per-node 2 -m cellkern.cli run --parallel data``
+    (or ``domain``); the result equals the one-process run, rank 0 writes the files."""
+    from .parallel import init_from_env
     from .report import summary_table
     from .trainer import Trainer
 
+    world = init_from_env()
+    if world > 1 and parallel is None:
+        raise click.UsageError(f"started on {world} processes: choose --parallel data or --parallel domain")
+    if parallel is not None and world == 1 and "WORLD_SIZE" not in os.environ:
+        raise click.UsageError(f"--parallel {parallel} runs under torchrun, e.g. "
+                               f"`torchrun --nproc-per-node 2 -m cellkern.cli run --parallel {parallel}`")
     try:
         if resume:
             if config_path:
                 raise click.UsageError("--resume continues with the run's own config; drop --config")
-            trainer = Trainer.resume(resume, progress=progress)
+            trainer = Trainer.resume(resume, progress=progress, parallel=parallel)
         else:
-            trainer = Trainer(_config(config_path), out, progress=progress)
+            trainer = Trainer(_config(config_path), out, progress=progress, parallel=parallel)
         report = trainer.run()
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo("")
-    click.echo(summary_table(report))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if parallel is None or trainer.par.is_writer:
+        click.echo("")
+        click.echo(summary_table(report))
 
 
 @main.command()

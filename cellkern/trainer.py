@@ -21,6 +21,10 @@ Each stage, top to bottom:
 
 A killed run resumed from its checkpoint ends with exactly the weights of an
 uninterrupted run: every random draw comes from generators whose state is saved.
+
+``parallel="data"`` / ``"domain"`` runs the same loop on several processes
+(``torchrun``; :mod:`cellkern.parallel` lays the tensors out and runs the ops),
+ending with exactly the one-process run's state.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from .backends.reference import live_synapses
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .planning import fit_stage, stage_estimate
 from .config import ScheduleConfig, load_config, save_config
-from .readout import BOUNDARY, PrequentialDecoder, drive, face_features
+from .parallel import make_layout
+from .readout import BOUNDARY, PrequentialDecoder, drive
 from .rules import PlasticityState
 from .schedule import make_rule, profile, transfer
 from .stencil import Geometry, parse_boundary
@@ -110,6 +115,11 @@ class Trainer:
         log: where log lines go. Default: :func:`tqdm.write`.
         progress: show a progress bar per stage. Default: True.
         stop_after: stop (as if killed) after this many steps in all; for tests. Default: None.
+        parallel: ``None`` (one process), ``"data"`` (data parallel) or ``"domain"``
+            (the lattice split along z) across the processes of an initialised
+            ``torch.distributed`` group, e.g. under ``torchrun`` (see
+            :mod:`cellkern.parallel`): the result equals the one-process run;
+            only rank 0 logs and writes files. Default: None.
 
     Example:
         >>> import cellkern as ck
@@ -119,10 +129,13 @@ class Trainer:
     """
 
     def __init__(self, config: ScheduleConfig, out=None, *, log: Callable = tqdm.write, progress: bool = True,
-                 stop_after: Optional[int] = None):
+                 stop_after: Optional[int] = None, parallel: Optional[str] = None):
         self.cfg = config.validate()
+        self.par = make_layout(parallel, self.cfg)
         self.out = None if out is None else pathlib.Path(out)
         self.log, self.progress, self.stop_after = log, progress, stop_after
+        if not self.par.is_writer:
+            self.log, self.progress = (lambda msg: None), False
         self.data = load_dataset(self.cfg)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.stage, self.step, self.started, self.done_steps = 0, 0, False, 0
@@ -131,7 +144,7 @@ class Trainer:
         self.w_initial = None
         self.records: list = []
         self.decoder = None
-        if self.out is not None:
+        if self.out is not None and self.par.is_writer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / CONFIG_NAME)
 
@@ -155,9 +168,15 @@ class Trainer:
     _VALUES = ("stage", "step", "started", "done_steps", "records", "decoder")
 
     def state_dict(self) -> dict:
+        """The run's state in the one-process layout (in a multi-process run a
+        collective: every rank must call it)."""
+        sharded = getattr(self.par, "sharded", False)
+        self.par.unshard(self)
         d = {k: getattr(self, k) for k in self._TENSORS + self._VALUES}
         d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
         d["gen"] = self.gen.get_state()
+        if sharded:
+            self.par.shard(self)
         return d
 
     def load_state_dict(self, d: dict) -> None:
@@ -167,7 +186,10 @@ class Trainer:
         self.gen.set_state(d["gen"])
 
     def checkpoint(self) -> Optional[pathlib.Path]:
-        return None if self.out is None else save_checkpoint(self.out, self.state_dict())
+        if self.out is None:
+            return None
+        state = self.state_dict()
+        return save_checkpoint(self.out, state) if self.par.is_writer else None
 
     # -- stage set-up --------------------------------------------------------------------------
     def estimate(self, st, dims) -> int:
@@ -231,7 +253,7 @@ class Trainer:
         N = self.data.train_x.shape[0]
         idx = torch.randint(0, N, (self.cfg.batch,), generator=self.gen)
         faces = to_face(self.data.train_x[idx], dims[1], dims[2])
-        self.x = drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain)
+        self.x = self.par.local_input(drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain))
         self.s = torch.zeros_like(self.x)
         self.batch_y = self.data.train_y[idx]
 
@@ -247,6 +269,7 @@ class Trainer:
         thr = rule.activity_threshold
         kw = dict(stencil=cfg.stencil, boundary=BOUNDARY)
         n_syn = self._live_count()
+        self.par.shard(self)
         bar = tqdm(total=st.steps, initial=self.step, desc=f"stage {self.stage + 1}/{len(cfg.stages)} {st.name} "
                    f"{'x'.join(map(str, dims))}", disable=not self.progress, unit="step", leave=True)
         t_stage = time.perf_counter()
@@ -254,17 +277,17 @@ class Trainer:
             while self.step < st.steps:
                 if self.stop_after is not None and self.done_steps >= self.stop_after:
                     bar.close()
+                    self.par.unshard(self)
                     return False
                 t0 = time.perf_counter()
                 if self.step % cfg.present_steps == 0 or self.s is None:
                     self._present(dims)
-                s_new = ops.propagate(self.s, self.w, self.mask, x=self.x, leak=cfg.leak, activation="tanh", **kw)
+                s_new = self.par.propagate(self, self.s, self.x, leak=cfg.leak, activation="tanh", **kw)
                 y = ops.activity(self.s, s_new)
                 if prof.lr_multiplier > 0:
                     lr = prof.lr_multiplier if self.amp is None else prof.lr_multiplier * self.amp
                     w_before = self.w.clone() if self.factor is not None else None
-                    ops.plasticity_step_(self.w, y, self.pstate, rule, self.mask, lr_scale=lr,
-                                         activity_threshold=thr, **kw)
+                    self.par.plasticity_step_(self, y, rule, lr_scale=lr, activity_threshold=thr, **kw)
                     if w_before is not None:
                         from .clustering import coordinate_
 
@@ -274,7 +297,7 @@ class Trainer:
                 self.step += 1
                 self.done_steps += 1
                 if self.step % cfg.present_steps == 0 and st.decoder_monitoring:
-                    self.decoder.observe(face_features(self.s), self.batch_y)
+                    self.decoder.observe(self.par.features(self.s), self.batch_y)
                 if st.clustering_enabled and self.step % cfg.cluster_every == 0:
                     self._recluster(y, rec)
                 rec["train_seconds"] += time.perf_counter() - t0
@@ -285,7 +308,9 @@ class Trainer:
                 if cfg.checkpoint_every and self.done_steps % cfg.checkpoint_every == 0 and self.step < st.steps:
                     self.checkpoint()
         bar.close()
+        self.par.unshard(self)
         rec["seconds"] += time.perf_counter() - t_stage
+        rec["parallel"] = self.par.describe()
         rec["synapse_updates_per_s"] = n_syn * cfg.batch * st.steps / max(rec["train_seconds"], 1e-12)
         rec["live_synapses"] = n_syn
         rec["peak_memory_bytes"] = self._held_bytes()
@@ -319,16 +344,19 @@ class Trainer:
     def _recluster(self, y, rec) -> None:
         from .clustering import cluster_cells, coordination_factor
 
-        labels, _ = cluster_cells(self.w, activity=y.mean(0), k=self.cfg.clusters,
-                                  seed=self.cfg.seed + self.done_steps, mask=self.mask)
+        w, mask = self.par.full_weights(self)
+        labels, _ = cluster_cells(w, activity=self.par.full_activity(y).mean(0), k=self.cfg.clusters,
+                                  seed=self.cfg.seed + self.done_steps, mask=mask)
         self.clusters = labels
-        self.factor = coordination_factor(labels, self.cfg.kappa, stencil=self.cfg.stencil, boundary=BOUNDARY)
+        self.factor = self.par.synapses(coordination_factor(labels, self.cfg.kappa, stencil=self.cfg.stencil,
+                                                            boundary=BOUNDARY))
         rec["cluster_sizes"].append(dict(step=self.step, sizes=torch.bincount(labels.flatten(),
                                                                              minlength=self.cfg.clusters).tolist()))
 
     def _monitor(self, st, y, thr, n_syn, rec) -> None:
         """One monitor point (SPEC §9), timed as monitor overhead."""
         t0 = time.perf_counter()
+        y = self.par.full_activity(y)
         h = dict(step=self.step, activity=float(y.mean()), step_seconds=rec["train_seconds"] / max(self.step, 1))
         h["synapse_updates_per_s"] = n_syn * self.cfg.batch / max(h["step_seconds"], 1e-12)
         h["memory_bytes"] = self._held_bytes()
@@ -337,11 +365,11 @@ class Trainer:
         if st.emergence_tracking:
             from .emergence import branching_ratio, emergence_metrics, saliency, weight_field
 
-            field = weight_field(self.w, self.mask)
+            field = weight_field(*self.par.full_weights(self))
             h["weights"] = {k: float(v) for k, v in emergence_metrics(field).items()}
             h["activity_field"] = {k: float(v) for k, v in emergence_metrics(y.mean(0).float()).items()}
             if self.y_prev is not None:
-                h["branching_ratio"] = float(branching_ratio(self.y_prev > thr, y > thr))
+                h["branching_ratio"] = float(branching_ratio(self.par.full_activity(self.y_prev) > thr, y > thr))
             if self.cfg.amplification > 0:
                 self.amp = (1.0 + self.cfg.amplification * saliency(field)).to(torch.float32).contiguous()
         rec["history"].append(h)
@@ -355,7 +383,7 @@ class Trainer:
                 return None
         from .report import build_report, write_report
 
-        report = build_report(self)
-        if self.out is not None:
+        report = build_report(self) if self.par.is_writer else None
+        if self.out is not None and self.par.is_writer:
             write_report(report, self, self.out, log=self.log)
-        return report
+        return self.par.broadcast_object(report)
