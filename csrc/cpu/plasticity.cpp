@@ -76,11 +76,14 @@ void neighbourhood_pass(const Lattice& L, int64_t B, const A* y, A param, O* out
   });
 }
 
-// The per-cell inputs of the fused step, all in the accumulation type A.
+// The per-cell inputs of the fused step, all in the accumulation type A;
+// x_post and θ are updated in place by the row that owns the cell.
 template <typename A>
 struct CellFields {
   int64_t B;
-  const A *y, *spikes, *x_pre, *x_post, *theta, *gate, *lr;
+  const A *y, *spikes, *x_pre;
+  A *x_post, *theta;
+  const A *gate, *lr;
 };
 
 // The fused step's w sweep (see the file comment). Per row and sample: the
@@ -208,6 +211,46 @@ void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const 
                                    scratch.data(), kPrefetchRows * W};
           sweep_row<MULT, NORM, LIVE, ACC>(S);
         }
+        row_state(P, F, base, W, N);
+      }
+    }
+  }
+}
+
+// After a row's sweep, the state that only the row itself reads: θ follows
+// mean_b y², the post traces decay and take the spikes (the pre traces are
+// read by the neighbouring rows too: state_pass updates them after the sweep).
+template <typename A>
+void row_state(const PlasticityParams& P, const CellFields<A>& F, int64_t base, int64_t W, int64_t N) {
+  const int64_t B = F.B;
+  const A thr = A(P.threshold), e_post = A(P.decay_post), invB = A(1) / A(B);
+  if (P.bcm) {
+    A* __restrict p_th = F.theta + base;
+    for (int64_t x0 = 0; x0 < W; x0 += 256) {
+      A m2[256];
+      const int64_t n = std::min<int64_t>(256, W - x0);
+      std::fill(m2, m2 + n, A(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const A* __restrict p_y = F.y + b * N + base + x0;
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x) m2[x] += p_y[x] * p_y[x];
+      }
+#pragma omp simd
+      for (int64_t x = 0; x < n; ++x) p_th[x0 + x] = theta_update(P, p_th[x0 + x], m2[x] * invB);
+    }
+  }
+  if (P.stdp) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t o = b * N + base;
+      A* __restrict p_xq = F.x_post + o;
+      if (F.spikes != nullptr) {
+        const A* __restrict p_z = F.spikes + o;
+#pragma omp simd
+        for (int64_t x = 0; x < W; ++x) p_xq[x] = p_xq[x] * e_post + p_z[x];
+      } else {
+        const A* __restrict p_y = F.y + o;
+#pragma omp simd
+        for (int64_t x = 0; x < W; ++x) p_xq[x] = p_xq[x] * e_post + (p_y[x] > thr ? A(1) : A(0));
       }
     }
   }
@@ -225,28 +268,22 @@ void plasticity_pass(const Lattice& L, const PlasticityParams P, w_t* w, const b
   });
 }
 
-// After the sweep: traces decay and take the spikes; θ follows mean_b y².
+// After the sweep: the pre traces decay and take the spikes (x_post and θ
+// were updated row by row, row_state).
 template <typename A>
-void state_pass(const Lattice& L, const PlasticityParams P, const CellFields<A> F, A* x_pre, A* x_post, A* theta) {
+void state_pass(const Lattice& L, const PlasticityParams P, const CellFields<A> F, A* x_pre) {
+  if (!P.stdp) return;
   const int64_t N = L.N, B = F.B;
-  const A thr = A(P.threshold), e_pre = A(P.decay_pre), e_post = A(P.decay_post), invB = A(1) / A(B);
+  const A thr = A(P.threshold), e_pre = A(P.decay_pre);
   at::parallel_for(0, N, 16384, [&](int64_t i0, int64_t i1) {
-    if (P.bcm) {
-      for (int64_t i = i0; i < i1; ++i) {
-        A m2 = 0;
-        for (int64_t b = 0; b < B; ++b) m2 += F.y[b * N + i] * F.y[b * N + i];
-        theta[i] = theta_update(P, theta[i], m2 * invB);
-      }
-    }
-    if (P.stdp) {
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t bb = b * N;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t bb = b * N;
+      if (F.spikes != nullptr) {
 #pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) {
-          const A z = F.spikes != nullptr ? F.spikes[bb + i] : (F.y[bb + i] > thr ? A(1) : A(0));
-          x_pre[bb + i] = x_pre[bb + i] * e_pre + z;
-          x_post[bb + i] = x_post[bb + i] * e_post + z;
-        }
+        for (int64_t i = i0; i < i1; ++i) x_pre[bb + i] = x_pre[bb + i] * e_pre + F.spikes[bb + i];
+      } else {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) x_pre[bb + i] = x_pre[bb + i] * e_pre + (F.y[bb + i] > thr ? A(1) : A(0));
       }
     }
   });
@@ -389,8 +426,8 @@ void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at:
 
   AT_DISPATCH_FLOATING_TYPES(acc, "plasticity_", [&] {
     using A = scalar_t;
-    const CellFields<A> F{B, opt_data<A>(ya), opt_data<A>(spa), opt_data<A>(xpa), opt_data<A>(xqa),
-                          opt_data<A>(tha), opt_data<A>(ga), opt_data<A>(lra)};
+    const CellFields<A> F{B, opt_data<A>(ya), opt_data<A>(spa), opt_data<A>(xpa), mut_data<A>(xqa),
+                          mut_data<A>(tha), opt_data<A>(ga), opt_data<A>(lra)};
     if constexpr (std::is_same_v<A, double>) {
       // fp64 arithmetic: fp16/bf16 weights go through an fp64 copy (rounded
       // back once, as the reference does), which keeps the instantiations few
@@ -409,7 +446,7 @@ void plasticity_(at::Tensor& w, const std::optional<at::Tensor>& mask, const at:
         }
       });
     }
-    state_pass<A>(L, P, F, mut_data<A>(xpa), mut_data<A>(xqa), mut_data<A>(tha));
+    state_pass<A>(L, P, F, mut_data<A>(xpa));
   });
   // traces and θ held in another dtype were updated in a copy
   if (P.stdp && !xpa.is_same(t_xp)) {

@@ -324,9 +324,10 @@ inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
   for (int64_t k = 0; k < S.K; ++k) {
     if (S.w[k] == nullptr) continue;
     w_t* p_w = S.w[k] + x;
-    // the same cells of the next rows: 2·K streams of w would outrun the
-    // hardware prefetchers
-    __builtin_prefetch(p_w + S.prefetch, 1);
+    // the same cells of the next rows: K streams of w would outrun the
+    // hardware prefetchers. Into L2 for reading (a write-intent prefetch into
+    // L1 stalled on the L1 miss buffers: ~5% slower at 128³)
+    __builtin_prefetch(p_w + S.prefetch, 0, 2);
     const V wo = ld<V, A>(p_w);
     V c0{}, c1{};
     if constexpr (ACC) {
