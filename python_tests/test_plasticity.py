@@ -163,6 +163,43 @@ MATRIX = (_cases("stdp_", 10, 11) + _cases("bcm_", 6, 12) + _cases("plasticity_s
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("case", MATRIX, ids=lambda c: f"{c['op']}-{_id(c)}")
 def test_plasticity_matches_reference(backend, device, case):
+    _check_case(backend, device, case)
+
+
+def _simd_cases():
+    """Rows long enough for the cpu kernel's SIMD paths (W = 37: two fp32
+    vectors, four fp64 vectors, then single cells): moore with every row
+    present (the all-offsets-in-registers sweep) and with rows missing along a
+    zero z/y boundary, a non-moore stencil (the looped sweep), each flag of
+    the sweep (multiplicative, normalise, masked or zero-x live synapses, B > 1)."""
+    rng = random.Random(21)
+    out = []
+    for i, (stencil, boundary, mask, B, dep, nrm, dtype) in enumerate([
+            ("moore", "periodic", False, 1, "additive", True, torch.float32),
+            ("moore", "periodic", True, 1, "multiplicative", True, torch.float32),
+            ("moore", "periodic", False, 3, "multiplicative", False, torch.float32),
+            ("moore", ("periodic", "periodic", "zero"), False, 2, "additive", True, torch.float32),
+            ("moore", ("periodic", "periodic", "zero"), True, 1, "additive", False, torch.bfloat16),
+            ("moore", ("zero", "periodic", "periodic"), True, 3, "multiplicative", True, torch.float32),
+            ("moore", "zero", False, 1, "additive", True, torch.float64),
+            ("moore", "periodic", True, 2, "additive", True, torch.float64),
+            ("moore", "periodic", False, 1, "additive", True, torch.float16),
+            ("moore18", "periodic", True, 2, "multiplicative", True, torch.float32)]):
+        out.append(dict(op="plasticity_step_", dims=(3, 4, 37), B=B, stencil=stencil, boundary=boundary, mask=mask,
+                        dtype=dtype, steps=2, gate=rng.choice([None, "float"]), dep=dep, dt=1.0, decay=0.05,
+                        zbool=False, stdp=True, bcm=True, competition=i % 3 != 2, normalize=nrm,
+                        lr=("float", "tensor")[i % 2]))
+    return out
+
+
+@pytest.mark.parametrize("case", _simd_cases(), ids=_id)
+def test_cpu_simd_rows_match_reference(case):
+    if "cpu" not in ck.available_backends():
+        pytest.skip("the cpu backend is not built")
+    _check_case("cpu", "cpu", case)
+
+
+def _check_case(backend, device, case):
     dtype = case["dtype"]
     skip_unsupported_dtype(backend, device, dtype)
     sd = _state_dtype(dtype)
