@@ -93,6 +93,32 @@ struct CellFields {
 // a cell's Σ|w| and scale stay in registers).
 constexpr int64_t kPrefetchRows = 2;  // w rows ahead (see sweep_cells)
 
+// Into L2, the per-cell fields a later row will read from memory: its own
+// post traces, θ and activity, and the neighbour rows the padded-row caches
+// will not hold yet (the rows one y further, dy > 0). The field rows are
+// short streams in 3·K/9 planes that the hardware prefetchers pick up late.
+template <typename A>
+void prefetch_fields(const Lattice& L, const PlasticityParams& P, const CellFields<A>& F, int64_t row,
+                     RowNeighbours* nb, bool need_y) {
+  const int64_t W = L.W, N = L.N, base = row * W;
+  constexpr int64_t step = 64 / sizeof(A);
+  auto fetch = [&](const A* p) {
+    for (int64_t x = 0; x < W; x += step) __builtin_prefetch(p + x, 0, 2);
+  };
+  nb->build(L, row / L.H, row % L.H);
+  for (int64_t b = 0; b < F.B; ++b) {
+    const int64_t bb = b * N;
+    if (need_y) fetch(F.y + bb + base);
+    if (P.stdp) fetch(F.x_post + bb + base);
+    for (size_t s = 0; s < nb->rows.size(); ++s) {
+      if (nb->rows[s] < 0 || nb->shift_dy[s] <= 0) continue;
+      if (need_y) fetch(F.y + bb + nb->rows[s] * W);
+      if (P.stdp) fetch(F.x_pre + bb + nb->rows[s] * W);
+    }
+  }
+  if (P.bcm) fetch(F.theta + base);
+}
+
 template <bool MULT, bool NORM, bool LIVE, bool ACC, typename w_t, typename A>
 void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const bool* m, const CellFields<A>& F,
                      int64_t r0, int64_t r1) {
@@ -120,8 +146,10 @@ void plasticity_rows(const Lattice& L, const PlasticityParams& P, w_t* w, const 
           for (int64_t x = 0; x < W; ++x) live[k * W + x] = (x >= lo && x < hi) ? A(1) : A(0);
         }
       }
+      RowNeighbours nb_ahead(L);
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t zr = row / L.H, yr = row % L.H;
+        if (row + kPrefetchRows < r1) prefetch_fields(L, P, F, row + kPrefetchRows, &nb_ahead, need_y);
         nb.build(L, zr, yr);
         std::fill(dcell.begin(), dcell.end(), A(0));
         std::fill(upd.begin(), upd.end(), A(0));
