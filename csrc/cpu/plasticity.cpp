@@ -43,6 +43,27 @@ namespace cellkern {
 namespace cpu {
 namespace {
 
+constexpr int64_t kPrefetchRows = 2;  // rows ahead (w in sweep_row, the fields in prefetch_fields)
+
+// Into L2: the W cells of a row of a field.
+template <typename A>
+inline void prefetch_row(const A* p, int64_t W) {
+  for (int64_t x = 0; x < W; x += int64_t(64 / sizeof(A))) __builtin_prefetch(p + x, 0, 2);
+}
+
+// Into L2: the neighbour rows of `row` (built into nb) that the padded-row
+// caches will not hold yet — those one y further (dy > 0) — of B samples of
+// a field. They are short streams in several planes that the hardware
+// prefetchers pick up late.
+template <typename A>
+inline void prefetch_new_rows(const Lattice& L, const RowNeighbours& nb, const A* field, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (size_t s = 0; s < nb.rows.size(); ++s) {
+      if (nb.rows[s] >= 0 && nb.shift_dy[s] > 0) prefetch_row(field + b * L.N + nb.rows[s] * L.W, L.W);
+    }
+  }
+}
+
 // out[b,i] = relu(y[b,i] − β·Σ_k y[b,nbr] / K)  (mode 0)  or
 // out[b,i] = y[b,i] > θ and y[b,i] ≥ max_k y[b,nbr] (mode 1)
 template <int MODE, typename A, typename O>
@@ -50,11 +71,16 @@ void neighbourhood_pass(const Lattice& L, int64_t B, const A* y, A param, O* out
   const int64_t W = L.W, N = L.N, K = L.K;
   at::parallel_for(0, L.D * L.H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * W * B)),
                    [&](int64_t r0, int64_t r1) {
-    RowNeighbours nb(L);
+    RowNeighbours nb(L), nb_ahead(L);
     PaddedRows<A> pad(L);
     std::vector<A> red(W);
     std::vector<const A*> nbr(K);
     for (int64_t row = r0; row < r1; ++row) {
+      if (row + kPrefetchRows < r1) {
+        const int64_t ra = row + kPrefetchRows;
+        nb_ahead.build(L, ra / L.H, ra % L.H);
+        prefetch_new_rows(L, nb_ahead, y, B);
+      }
       nb.build(L, row / L.H, row % L.H);
       for (int64_t b = 0; b < B; ++b) {
         const A* p_y = y + b * N;
@@ -91,32 +117,22 @@ struct CellFields {
 // last sum their terms into (c0, c1), the last one's terms go straight into
 // the one read-update-write of w (sweep_row: cells outer, offsets inner, so
 // a cell's Σ|w| and scale stay in registers).
-constexpr int64_t kPrefetchRows = 2;  // w rows ahead (see sweep_cells)
 
 // Into L2, the per-cell fields a later row will read from memory: its own
-// post traces, θ and activity, and the neighbour rows the padded-row caches
-// will not hold yet (the rows one y further, dy > 0). The field rows are
-// short streams in 3·K/9 planes that the hardware prefetchers pick up late.
+// post traces, θ and activity, and the new neighbour rows of y and x_pre
+// (~13% of the fused step at 128³, B = 1, one thread).
 template <typename A>
 void prefetch_fields(const Lattice& L, const PlasticityParams& P, const CellFields<A>& F, int64_t row,
                      RowNeighbours* nb, bool need_y) {
-  const int64_t W = L.W, N = L.N, base = row * W;
-  constexpr int64_t step = 64 / sizeof(A);
-  auto fetch = [&](const A* p) {
-    for (int64_t x = 0; x < W; x += step) __builtin_prefetch(p + x, 0, 2);
-  };
+  const int64_t W = L.W, base = row * W;
   nb->build(L, row / L.H, row % L.H);
   for (int64_t b = 0; b < F.B; ++b) {
-    const int64_t bb = b * N;
-    if (need_y) fetch(F.y + bb + base);
-    if (P.stdp) fetch(F.x_post + bb + base);
-    for (size_t s = 0; s < nb->rows.size(); ++s) {
-      if (nb->rows[s] < 0 || nb->shift_dy[s] <= 0) continue;
-      if (need_y) fetch(F.y + bb + nb->rows[s] * W);
-      if (P.stdp) fetch(F.x_pre + bb + nb->rows[s] * W);
-    }
+    if (need_y) prefetch_row(F.y + b * L.N + base, W);
+    if (P.stdp) prefetch_row(F.x_post + b * L.N + base, W);
   }
-  if (P.bcm) fetch(F.theta + base);
+  if (need_y) prefetch_new_rows(L, *nb, F.y, F.B);
+  if (P.stdp) prefetch_new_rows(L, *nb, F.x_pre, F.B);
+  if (P.bcm) prefetch_row(F.theta + base, W);
 }
 
 template <bool MULT, bool NORM, bool LIVE, bool ACC, typename w_t, typename A>
