@@ -44,7 +44,7 @@ def run(config_path, out, resume, progress, parallel) -> None:
 
     On several processes: ``torchrun --nproc-per-node 2 -m cellkern.cli run --parallel data``
     (or ``domain``); the result equals the one-process run, rank 0 writes the files."""
-    from .parallel import init_from_env
+    from .parallel import init_from_env, shutdown
     from .report import summary_table
     from .trainer import Trainer
 
@@ -65,10 +65,7 @@ def run(config_path, out, resume, progress, parallel) -> None:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     if parallel is None or trainer.par.is_writer:
         click.echo("")
         click.echo(summary_table(report))

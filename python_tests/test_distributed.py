@@ -1,58 +1,16 @@
 """Two gloo processes on localhost: data parallel and domain decomposition equal one process."""
-import os
-import socket
 import sys
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import cellkern as ck
 from cellkern import distributed as ckd
+from dist_utils import WORLD, spawn
 
-WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, fn, errfile):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        fn(rank)
-    except BaseException:
-        with open(f"{errfile}.{rank}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-    # Skip the interpreter's teardown: with TRITON_INTERPRET=1 (inherited from
-    # conftest) it aborts now and then ("terminate called without an active
-    # exception", ~1 in 3 processes) once the cellkern:: custom ops are
-    # registered; the work and its checks are done by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _spawn(fn):
-    with tempfile.TemporaryDirectory() as d:
-        err = os.path.join(d, "err")
-        try:
-            mp.spawn(_worker, args=(_free_port(), fn, err), nprocs=WORLD, join=True)
-        except Exception as e:  # show the worker's own traceback
-            msgs = [open(os.path.join(d, f)).read() for f in sorted(os.listdir(d))]
-            pytest.fail("worker failed:\n" + "\n".join(msgs) if msgs else str(e))
 
 
 RULE = ck.PlasticityRule(stdp=ck.STDP(lr=0.5), bcm=ck.BCM(lr=0.5, tau_theta=5.0), competition=ck.Competition(0.3),
@@ -96,7 +54,7 @@ def _dp_mean_delta(rank):
 
 @pytest.mark.parametrize("fn", [_dp_exact, _dp_mean_delta], ids=["exact", "mean_delta"])
 def test_data_parallel_equals_single_process(fn):
-    _spawn(fn)
+    spawn(fn)
 
 
 def _domain(rank, zb):
@@ -137,7 +95,7 @@ def _domain_periodic(rank):
 
 @pytest.mark.parametrize("fn", [_domain_zero, _domain_periodic], ids=["zero-z", "periodic-z"])
 def test_domain_decomposition_equals_single_process(fn):
-    _spawn(fn)
+    spawn(fn)
 
 
 def test_split_z_and_errors():

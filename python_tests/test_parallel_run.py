@@ -4,34 +4,24 @@ state, and a run stopped in one mode resumes in another."""
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cellkern import parallel as ckp
 from cellkern.checkpoint import load_checkpoint
 from cellkern.config import save_config
 from cellkern.trainer import Trainer
+from dist_utils import WORLD, free_port, spawn
 from trainer_utils import tiny_config
 
-WORLD = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 STATE = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "amp", "y_prev")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -42,7 +32,7 @@ def _env() -> dict:
 
 def _torchrun(*args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "cellkern.cli", "run", "--no-progress", *args]
+           f"--master-port={free_port()}", "-m", "cellkern.cli", "run", "--no-progress", *args]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     return res
@@ -94,33 +84,6 @@ def test_torchrun_two_processes_equal_one(mode, single, tmp_path):
             assert par["slab"] == [0, got["dims"][0] // 2] and par["halo_seconds"] > 0
 
 
-def _worker(rank, port, fn, errfile, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        fn(rank, *args)
-    except BaseException:
-        with open(f"{errfile}.{rank}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)   # see test_distributed.py: skip the interpreter teardown
-
-
-def _spawn(fn, *args):
-    with tempfile.TemporaryDirectory() as d:
-        err = os.path.join(d, "err")
-        try:
-            mp.spawn(_worker, args=(_free_port(), fn, err, args), nprocs=WORLD, join=True)
-        except Exception as e:
-            msgs = [open(os.path.join(d, f)).read() for f in sorted(os.listdir(d))]
-            pytest.fail("worker failed:\n" + "\n".join(msgs) if msgs else str(e))
-
-
 def _stopped_domain_run(rank, out):
     with pytest.raises(ValueError, match="batch must be a multiple of 2, got 3"):
         Trainer(dataclasses.replace(_config(), batch=3), parallel="data", progress=False)
@@ -135,7 +98,7 @@ def test_a_run_stopped_in_one_mode_resumes_in_another(single, tmp_path):
     """Domain-decomposed run killed after step 35 (last checkpoint at 30), resumed
     by ``torchrun … --resume --parallel data``: the one-process run's end state."""
     out = tmp_path / "run"
-    _spawn(_stopped_domain_run, str(out))
+    spawn(_stopped_domain_run, str(out))
     assert load_checkpoint(out)["done_steps"] == 30
     _torchrun("--resume", str(out), "--parallel", "data")
     assert_same_state(load_checkpoint(out), single[0])

@@ -311,15 +311,57 @@ struct SweepRow {
   int64_t prefetch;  // elements ahead of the w being read to prefetch
 };
 
-// The cells [x, x + lanes of V) of a row, all offsets: Δw from this
-// sample's terms (plus the earlier sums), w + Δw; with NORM, Σ|w| before and
-// after over the live synapses, every cell's scale, then clamp and store —
-// all in registers but the K updated vectors.
+// Offset k of the cells [x, x + lanes of V): w + Δw from this sample's
+// terms (plus the earlier samples' sums); a dead synapse keeps w. With NORM,
+// Σ|w| before and after add up over the live synapses and w + Δw is returned
+// for the scaling; without, the clamped weight is stored.
+template <bool MULT, bool NORM, bool LIVE, bool ACC, typename V, typename A, typename w_t>
+inline V step_synapses(const SweepRow<A, w_t>& S, int64_t k, int64_t x, const V& p, const V& q, const V& r,
+                       const V& d, const V& wo, V* before, V* after) {
+  V c0{}, c1{};
+  if constexpr (ACC) {
+    c0 = ld<V, A>(S.acc0[k] + x);
+    c1 = ld<V, A>(S.acc1[k] + x);
+  }
+  synapse_terms<MULT>(S.w_min, S.w_max, p, q, r, ld<V, A>(S.xn[k] + x), ld<V, A>(S.zn[k] + x),
+                      ld<V, A>(S.yn[k] + x), &c0, &c1);
+  V wn = wo + c0 + (c1 - d) * wo;
+  if constexpr (LIVE) {
+    const auto on = ld<V, A>(S.live[k] + x) > 0;
+    wn = on ? wn : wo;
+    if constexpr (NORM) {
+      *before += on ? vabs(wo) : V{};  // a select: a masked NaN stays out
+      *after += on ? vabs(wn) : V{};
+    } else {
+      st<V, A>(S.w[k] + x, on ? vclamp(wn, V{} + S.w_min, V{} + S.w_max) : wo);
+    }
+  } else if constexpr (NORM) {
+    *before += vabs(wo);
+    *after += vabs(wn);
+  } else {
+    st<V, A>(S.w[k] + x, vclamp(wn, V{} + S.w_min, V{} + S.w_max));
+  }
+  return wn;
+}
+
+// NORM's store of offset k: clamp(wn · scale) where the synapse is live.
+template <bool LIVE, typename V, typename A, typename w_t>
+inline void store_scaled(const SweepRow<A, w_t>& S, int64_t k, int64_t x, const V& wn, const V& scale) {
+  const V out = vclamp(wn * scale, V{} + S.w_min, V{} + S.w_max);
+  if constexpr (LIVE) {
+    st<V, A>(S.w[k] + x, ld<V, A>(S.live[k] + x) > 0 ? out : wn);
+  } else {
+    st<V, A>(S.w[k] + x, out);
+  }
+}
+
+// The cells [x, x + lanes of V) of a row, all offsets, one after another
+// (any stencil; offsets whose row is missing skipped); with NORM the updated
+// weights wait in a K-vector scratch until the cells' scales are known.
 template <bool MULT, bool NORM, bool LIVE, bool ACC, typename V, typename A, typename w_t>
 inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
   constexpr int64_t L = sizeof(V) / sizeof(A);
   const V p = ld<V, A>(S.p + x), q = ld<V, A>(S.q + x), r = ld<V, A>(S.r + x), d = ld<V, A>(S.d + x);
-  const V lo = V{} + S.w_min, hi = V{} + S.w_max;
   V before{}, after{};
   for (int64_t k = 0; k < S.K; ++k) {
     if (S.w[k] == nullptr) continue;
@@ -328,48 +370,13 @@ inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
     // hardware prefetchers. Into L2 for reading (a write-intent prefetch into
     // L1 stalled on the L1 miss buffers: ~5% slower at 128³)
     __builtin_prefetch(p_w + S.prefetch, 0, 2);
-    const V wo = ld<V, A>(p_w);
-    V c0{}, c1{};
-    if constexpr (ACC) {
-      c0 = ld<V, A>(S.acc0[k] + x);
-      c1 = ld<V, A>(S.acc1[k] + x);
-    }
-    synapse_terms<MULT>(S.w_min, S.w_max, p, q, r, ld<V, A>(S.xn[k] + x), ld<V, A>(S.zn[k] + x),
-                        ld<V, A>(S.yn[k] + x), &c0, &c1);
-    V wn = wo + c0 + (c1 - d) * wo;
-    if constexpr (LIVE) {
-      const auto on = ld<V, A>(S.live[k] + x) > 0;
-      wn = on ? wn : wo;
-      if constexpr (NORM) {
-        before += on ? vabs(wo) : V{};  // a select: a masked NaN stays out
-        after += on ? vabs(wn) : V{};
-      }
-    } else if constexpr (NORM) {
-      before += vabs(wo);
-      after += vabs(wn);
-    }
-    if constexpr (NORM) {
-      st<V, A>(S.scratch + k * L, wn);
-    } else {
-      const V out = vclamp(wn, lo, hi);
-      if constexpr (LIVE) {
-        st<V, A>(p_w, ld<V, A>(S.live[k] + x) > 0 ? out : wo);
-      } else {
-        st<V, A>(p_w, out);
-      }
-    }
+    const V wn = step_synapses<MULT, NORM, LIVE, ACC, V>(S, k, x, p, q, r, d, ld<V, A>(p_w), &before, &after);
+    if constexpr (NORM) st<V, A>(S.scratch + k * L, wn);
   }
   if constexpr (NORM) {
     const V scale = normalize_scale(before, after, ld<V, A>(S.upd + x));
     for (int64_t k = 0; k < S.K; ++k) {
-      if (S.w[k] == nullptr) continue;
-      const V wn = ld<V, A>(S.scratch + k * L);
-      const V out = vclamp(wn * scale, lo, hi);
-      if constexpr (LIVE) {
-        st<V, A>(S.w[k] + x, ld<V, A>(S.live[k] + x) > 0 ? out : wn);
-      } else {
-        st<V, A>(S.w[k] + x, out);
-      }
+      if (S.w[k] != nullptr) store_scaled<LIVE, V>(S, k, x, ld<V, A>(S.scratch + k * L), scale);
     }
   }
 }
@@ -382,50 +389,18 @@ inline void sweep_cells(const SweepRow<A, w_t>& S, int64_t x) {
 template <int KT, bool MULT, bool NORM, bool LIVE, bool ACC, typename V, typename A, typename w_t>
 inline void sweep_cells_fixed(const SweepRow<A, w_t>& S, int64_t x) {
   const V p = ld<V, A>(S.p + x), q = ld<V, A>(S.q + x), r = ld<V, A>(S.r + x), d = ld<V, A>(S.d + x);
-  const V lo = V{} + S.w_min, hi = V{} + S.w_max;
   V wv[KT];
 #pragma GCC unroll 32
   for (int k = 0; k < KT; ++k) wv[k] = ld<V, A>(S.w[k] + x);
   V before{}, after{};
 #pragma GCC unroll 32
   for (int k = 0; k < KT; ++k) {
-    const V wo = wv[k];
-    V c0{}, c1{};
-    if constexpr (ACC) {
-      c0 = ld<V, A>(S.acc0[k] + x);
-      c1 = ld<V, A>(S.acc1[k] + x);
-    }
-    synapse_terms<MULT>(S.w_min, S.w_max, p, q, r, ld<V, A>(S.xn[k] + x), ld<V, A>(S.zn[k] + x),
-                        ld<V, A>(S.yn[k] + x), &c0, &c1);
-    V wn = wo + c0 + (c1 - d) * wo;
-    if constexpr (LIVE) {
-      const auto on = ld<V, A>(S.live[k] + x) > 0;
-      wn = on ? wn : wo;
-      if constexpr (NORM) {
-        before += on ? vabs(wo) : V{};
-        after += on ? vabs(wn) : V{};
-      } else {
-        st<V, A>(S.w[k] + x, on ? vclamp(wn, lo, hi) : wo);
-      }
-    } else if constexpr (NORM) {
-      before += vabs(wo);
-      after += vabs(wn);
-    } else {
-      st<V, A>(S.w[k] + x, vclamp(wn, lo, hi));
-    }
-    wv[k] = wn;
+    wv[k] = step_synapses<MULT, NORM, LIVE, ACC, V>(S, k, x, p, q, r, d, wv[k], &before, &after);
   }
   if constexpr (NORM) {
     const V scale = normalize_scale(before, after, ld<V, A>(S.upd + x));
 #pragma GCC unroll 32
-    for (int k = 0; k < KT; ++k) {
-      const V out = vclamp(wv[k] * scale, lo, hi);
-      if constexpr (LIVE) {
-        st<V, A>(S.w[k] + x, ld<V, A>(S.live[k] + x) > 0 ? out : wv[k]);
-      } else {
-        st<V, A>(S.w[k] + x, out);
-      }
-    }
+    for (int k = 0; k < KT; ++k) store_scaled<LIVE, V>(S, k, x, wv[k], scale);
   }
 }
 
