@@ -284,7 +284,10 @@ ONE_PLANE_CASES = [dict(dims=dims, B=1, C=1, stencil="moore", boundary=boundary,
                    for dims, boundary, mask, dtype in [
                        ((5, 6, 7), "periodic", False, torch.float32), ((4, 3, 9), "zero", True, torch.float32),
                        ((3, 5, 4), ("zero", "periodic", "periodic"), False, torch.float16),
-                       ((2, 7, 3), ("periodic", "zero", "zero"), True, torch.float64)]]
+                       ((2, 7, 3), ("periodic", "zero", "zero"), True, torch.float64),
+                       # rows wider than two warps: warps with no x edge in them (a CUDA path of their own)
+                       ((3, 4, 97), ("zero", "zero", "periodic"), True, torch.float32),
+                       ((4, 3, 70), "periodic", False, torch.float16)]]
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

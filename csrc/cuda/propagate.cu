@@ -26,7 +26,8 @@ namespace {
 
 // PLANE (B·C = 1, K = 26): no (b, c) to reuse the weights for, so nothing is
 // kept in registers (a quarter of the registers: more warps, every load in
-// flight at once).
+// flight at once). Its rows inside the interior box (all but a thin shell)
+// find a neighbour with one x step (interior_nbr) instead of three axis steps.
 template <typename T, int KT, bool PLANE>
 __global__ void __launch_bounds__(kThreads)
     gather_forward_kernel(const Lattice L, const T* __restrict__ p_s, const T* __restrict__ p_w,
@@ -36,6 +37,8 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_of<T>;
   int4* s_off = shared_offsets();
   load_offsets(L, 1, s_off);
+  Interior I{};
+  if constexpr (PLANE) I = load_interior(L, 1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
@@ -52,16 +55,38 @@ __global__ void __launch_bounds__(kThreads)
     p_out[o] = from_acc<T>(keep * to_acc<A>(p_s[o]) + alpha * act_fn(act, acc));
   };
   if constexpr (PLANE) {
-    A acc = A(0);
+    // every load (w, mask, s) of a synapse independent of the others and
+    // branch-free: all in flight before the first product is summed
+    const T* p_wc = p_w + c.i;
+    const uint8_t* p_mc = p_m + c.i;  // read only when p_m is not null
+    // nbr(k, &on): the index of a cell to read (in the lattice) and whether
+    // the synapse has a neighbour there
+    auto gather = [&](auto nbr, auto masked) {
+      A acc = A(0);
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      const int64_t wi = int64_t(k) * N + c.i;
-      const A wv = to_acc<A>(load_stream(p_w + wi));
+      for (int k = 0; k < KT; ++k) {
+        bool on = true;
+        const int j = nbr(k, &on);
+        const A wv = to_acc<A>(load_stream(p_wc + int64_t(k) * N));
+        const A sv = to_acc<A>(p_s[j]);
+        if constexpr (decltype(masked)::value) on = on & (p_mc[int64_t(k) * N] != 0);
+        acc = on ? acc + wv * sv : acc;
+      }
+      return acc;
+    };
+    // three ways to a neighbour, the cheapest that holds for the whole warp
+    auto inner = [&](int k, bool*) { return c.i + I.d[k].x; };  // interior row and x: always on
+    auto row = [&](int k, bool* on) { return interior_nbr(L, c.i, c.x, I.d[k], on); };
+    auto any = [&](int k, bool* on) {  // near a face
       const int j = nbr_of(L, c, s_off[k]);
-      const bool on = j >= 0 && (p_m == nullptr || p_m[wi]);
-      const A sv = to_acc<A>(p_s[on ? j : c.i]);
-      acc += on ? wv * sv : A(0);
-    }
+      *on = j >= 0;
+      return j >= 0 ? j : c.i;
+    };
+    auto pick = [&](auto masked) {
+      if (!row_inside(I, c.z, c.y)) return gather(any, masked);
+      return warp_cols_inside(I) ? gather(inner, masked) : gather(row, masked);
+    };
+    const A acc = p_m == nullptr ? pick(std::false_type{}) : pick(std::true_type{});
     epilogue(0, acc);
   } else if constexpr (KT > 0) {
     const int K = KT == 26 ? 26 : L.K;
