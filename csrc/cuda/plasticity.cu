@@ -125,6 +125,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 1 : 2)
                    const Fields<A> F) {
   int4* s_off = shared_offsets();
   load_offsets(L, 1, s_off);
+  Interior I{};
+  if constexpr (KT > 0) I = load_interior(L, 1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = F.N;
@@ -163,17 +165,31 @@ __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 1 : 2)
         live |= uint32_t(mk[k] != 0 && nbr_of(L, c, s_off[k]) >= 0) << k;
       }
     }
-    for (int64_t b = 0; b < F.B; ++b) {
-      const A gb = F.gate(b, c.i);
-      upd = gb > upd ? gb : upd;
-      if (gb * lr_i == A(0)) continue;  // a sample this cell does not learn from adds exactly 0
-      const CellTerms<A> t = F.own(b, c.i, gb, lr_i, th_i);
-      dcell += t.d;
-      const Sample<A> S(F, b);
+    // the batch loop, with nbr(k) the pre cell of a live synapse found the
+    // cheapest way that holds for the whole warp (as in propagate.cu)
+    auto batch = [&](auto nbr) {
+      for (int64_t b = 0; b < F.B; ++b) {
+        const A gb = F.gate(b, c.i);
+        upd = gb > upd ? gb : upd;
+        if (gb * lr_i == A(0)) continue;  // a sample this cell does not learn from adds exactly 0
+        const CellTerms<A> t = F.own(b, c.i, gb, lr_i, th_i);
+        dcell += t.d;
+        const Sample<A> S(F, b);
 #pragma unroll
-      for (int k = 0; k < KT; ++k) {
-        if (k < K && ((live >> k) & 1u)) dw[k] += delta(S, nbr_of(L, c, s_off[k]), t, wv[k]);
+        for (int k = 0; k < KT; ++k) {
+          if (k < K && ((live >> k) & 1u)) dw[k] += delta(S, nbr(k), t, wv[k]);
+        }
       }
+    };
+    if (!row_inside(I, c.z, c.y)) {
+      batch([&](int k) { return nbr_of(L, c, s_off[k]); });  // near a face
+    } else if (warp_cols_inside(I)) {
+      batch([&](int k) { return c.i + I.d[k].x; });  // interior row and x
+    } else {
+      batch([&](int k) {  // interior row (a live synapse has its neighbour: on)
+        bool on;
+        return interior_nbr(L, c.i, c.x, I.d[k], &on);
+      });
     }
     A before = A(0), after = A(0);
 #pragma unroll
