@@ -219,6 +219,30 @@ __device__ __forceinline__ int nbr_of(const Lattice& L, const Cell& c, int4 o) {
   return step_index(c.z, c.y, c.x, o.x, o.y, o.z, L.D, L.H, L.W, L.pz, L.py, L.px);
 }
 
+/// f(nbr) with nbr(k, &on) the cheapest way to the cell's neighbour k that
+/// holds for the whole warp: one add (interior row, no x edge in the warp),
+/// one x step (interior row), or step_index (near a face). nbr returns a
+/// cell of the lattice in every case (the cell itself, or a wrapped one,
+/// where there is no neighbour) and sets on to whether there is one.
+template <typename F>
+__device__ __forceinline__ auto with_nbr(const Lattice& L, const Interior& I, const int4* s_off, const Cell& c,
+                                         F&& f) {
+  if (!row_inside(I, c.z, c.y)) {
+    return f([&](int k, bool* on) {
+      const int j = nbr_of(L, c, s_off[k]);
+      *on = j >= 0;
+      return j >= 0 ? j : c.i;
+    });
+  }
+  if (warp_cols_inside(I)) {
+    return f([&](int k, bool* on) {
+      *on = true;
+      return c.i + I.d[k].x;
+    });
+  }
+  return f([&](int k, bool* on) { return interior_nbr(L, c.i, c.x, I.d[k], on); });
+}
+
 /// φ(u) and φ'(u) for the activation codes 0 identity, 1 tanh, 2 relu, 3 sigmoid
 /// (a warp-uniform switch). relu'(0) = 0 as in torch; NaN passes relu as in torch.
 template <typename A>

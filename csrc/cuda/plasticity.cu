@@ -285,19 +285,23 @@ __global__ void __launch_bounds__(kThreads)
   };
   A total = A(0);
   if constexpr (KT > 0) {
-    const int K = KT == 26 ? 26 : L.K;
+    const int K = L.K;  // a run-time bound, as in synapse_kernel
     A wv[KT];
+    uint8_t mk[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {  // every load of w and the mask in flight before the first use
+      wv[k] = A(0);
+      if (k < K) {
+        wv[k] = to_acc<A>(load_stream(p_w + int64_t(k) * N + c.i));
+        mk[k] = p_m == nullptr ? uint8_t(1) : p_m[int64_t(k) * N + c.i];
+      }
+    }
     uint32_t live = 0;
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
-      wv[k] = A(0);
-      if (k < K) {
-        const int64_t wi = int64_t(k) * N + c.i;
-        wv[k] = to_acc<A>(load_stream(p_w + wi));
-        if (is_live(k, wi)) {
-          live |= 1u << k;
-          total += fabs(wv[k]);
-        }
+      if (k < K && mk[k] != 0 && nbr_of(L, c, s_off[k]) >= 0) {
+        live |= 1u << k;
+        total += fabs(wv[k]);
       }
     }
     const A scale = normalize_scale(p_target[c.i], total, ok);

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   int4* s_off = shared_offsets();
   load_offsets(L, 1, s_off);
   Interior I{};
-  if constexpr (PLANE) I = load_interior(L, 1, s_off);
+  if constexpr (KT > 0) I = load_interior(L, 1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
@@ -59,13 +59,11 @@ __global__ void __launch_bounds__(kThreads)
     // branch-free: all in flight before the first product is summed
     const T* p_wc = p_w + c.i;
     const uint8_t* p_mc = p_m + c.i;  // read only when p_m is not null
-    // nbr(k, &on): the index of a cell to read (in the lattice) and whether
-    // the synapse has a neighbour there
     auto gather = [&](auto nbr, auto masked) {
       A acc = A(0);
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        bool on = true;
+        bool on;
         const int j = nbr(k, &on);
         const A wv = to_acc<A>(load_stream(p_wc + int64_t(k) * N));
         const A sv = to_acc<A>(p_s[j]);
@@ -74,38 +72,31 @@ __global__ void __launch_bounds__(kThreads)
       }
       return acc;
     };
-    // three ways to a neighbour, the cheapest that holds for the whole warp
-    auto inner = [&](int k, bool*) { return c.i + I.d[k].x; };  // interior row and x: always on
-    auto row = [&](int k, bool* on) { return interior_nbr(L, c.i, c.x, I.d[k], on); };
-    auto any = [&](int k, bool* on) {  // near a face
-      const int j = nbr_of(L, c, s_off[k]);
-      *on = j >= 0;
-      return j >= 0 ? j : c.i;
-    };
-    auto pick = [&](auto masked) {
-      if (!row_inside(I, c.z, c.y)) return gather(any, masked);
-      return warp_cols_inside(I) ? gather(inner, masked) : gather(row, masked);
-    };
-    const A acc = p_m == nullptr ? pick(std::false_type{}) : pick(std::true_type{});
+    const A acc = with_nbr(L, I, s_off, c, [&](auto nbr) {
+      return p_m == nullptr ? gather(nbr, std::false_type{}) : gather(nbr, std::true_type{});
+    });
     epilogue(0, acc);
   } else if constexpr (KT > 0) {
     const int K = KT == 26 ? 26 : L.K;
     A wk[KT];
     int nb[KT];
+    with_nbr(L, I, s_off, c, [&](auto nbr) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      wk[k] = A(0);  // a dead synapse: weight 0 on the cell's own state
-      nb[k] = c.i;
-      if (k < K) {
-        const int64_t wi = int64_t(k) * N + c.i;
-        const A wv = to_acc<A>(load_stream(p_w + wi));
-        const int j = nbr_of(L, c, s_off[k]);
-        if (j >= 0 && (p_m == nullptr || p_m[wi])) {
-          wk[k] = wv;
-          nb[k] = j;
+      for (int k = 0; k < KT; ++k) {
+        wk[k] = A(0);  // a dead synapse: weight 0 on the cell's own state
+        nb[k] = c.i;
+        if (k < K) {
+          const int64_t wi = int64_t(k) * N + c.i;
+          const A wv = to_acc<A>(load_stream(p_w + wi));
+          bool on;
+          const int j = nbr(k, &on);
+          if (on && (p_m == nullptr || p_m[wi])) {
+            wk[k] = wv;
+            nb[k] = j;
+          }
         }
       }
-    }
+    });
     for (int64_t bc = 0; bc < L.BC; ++bc) {
       const T* p_sb = p_s + bc * N;
       A acc = A(0);
@@ -139,6 +130,8 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_of<T>;
   int4* s_off = shared_offsets();
   load_offsets(L, -1, s_off);
+  Interior I{};
+  if constexpr (KT > 0) I = load_interior(L, -1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
@@ -152,22 +145,25 @@ __global__ void __launch_bounds__(kThreads)
     const int K = KT == 26 ? 26 : L.K;
     A wk[KT];
     int nb[KT];
+    with_nbr(L, I, s_off, c, [&](auto nbr) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      wk[k] = A(0);
-      nb[k] = c.i;
-      if (k < K) {
-        const int src = nbr_of(L, c, s_off[k]);
-        if (src >= 0) {
-          const int64_t wi = int64_t(k) * N + src;
-          const A wv = to_acc<A>(load_stream(p_w + wi));
-          if (p_m == nullptr || p_m[wi]) {
-            wk[k] = wv;
-            nb[k] = src;
+      for (int k = 0; k < KT; ++k) {
+        wk[k] = A(0);
+        nb[k] = c.i;
+        if (k < K) {
+          bool on;
+          const int src = nbr(k, &on);
+          if (on) {
+            const int64_t wi = int64_t(k) * N + src;
+            const A wv = to_acc<A>(load_stream(p_w + wi));
+            if (p_m == nullptr || p_m[wi]) {
+              wk[k] = wv;
+              nb[k] = src;
+            }
           }
         }
       }
-    }
+    });
     for (int64_t bc = 0; bc < L.BC; ++bc) {
       const A* p_gb = p_g + bc * N;
       A acc = A(0);
