@@ -116,7 +116,7 @@ struct Sample {
 // synapses. The neighbour index of a synapse is recomputed where it is used
 // (a shared-memory lookup and a few integer operations): holding K indices,
 // and the K·3 64-bit field addresses the compiler derives from them, across
-// the batch loop is what made this kernel spill. fp32 runs at ~96 registers,
+// the batch loop is what made this kernel spill. fp32 runs at ~93 registers,
 // 2 blocks of 256 threads an SM, no spills (tools/ptxas_report.py); fp64
 // (2·K doubles) gets the 255 registers of one block.
 template <typename W, typename A, int KT>
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 1 : 2)
       }
     }
     // the batch loop, with nbr(k) the pre cell of a live synapse found the
-    // cheapest way that holds for the whole warp (as in propagate.cu)
+    // cheapest way that holds for the whole warp (with_nbr)
     auto batch = [&](auto nbr) {
       for (int64_t b = 0; b < F.B; ++b) {
         const A gb = F.gate(b, c.i);
@@ -181,16 +181,12 @@ __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 1 : 2)
         }
       }
     };
-    if (!row_inside(I, c.z, c.y)) {
-      batch([&](int k) { return nbr_of(L, c, s_off[k]); });  // near a face
-    } else if (warp_cols_inside(I)) {
-      batch([&](int k) { return c.i + I.d[k].x; });  // interior row and x
-    } else {
-      batch([&](int k) {  // interior row (a live synapse has its neighbour: on)
-        bool on;
-        return interior_nbr(L, c.i, c.x, I.d[k], &on);
+    with_nbr(L, I, s_off, c, [&](auto nbr) {
+      batch([&](int k) {
+        bool on;  // true: a live synapse has its neighbour
+        return nbr(k, &on);
       });
-    }
+    });
     A before = A(0), after = A(0);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {

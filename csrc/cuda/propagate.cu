@@ -15,6 +15,9 @@
 // weight gradient is a reduction over (b, c) per synapse in registers: no
 // atomics. K = 26 (moore) compiles exactly; any K ≤ 32 runs the same
 // register code with a run-time bound; larger stencils run plain loops.
+// Where those kernels look up a neighbour, a warp of an interior row takes
+// one add (no x edge in the warp) or one x step instead of the three
+// bounded axis steps of step_index (with_nbr, common.cuh).
 //
 // Precision: T (fp32/fp16/bf16/fp64) loaded and converted, sums and u/du in
 // A = fp32 (fp64 for fp64), results rounded once to T.
