@@ -15,14 +15,22 @@ Environment switches:
     CELLKERN_CUDA=1/0       force (error without nvcc) / skip the CUDA kernels
                             (default: when torch.version.cuda is set and nvcc is found)
     TORCH_CUDA_ARCH_LIST    architectures, e.g. "8.0;9.0" or "9.0+PTX" (default: sm_80, sm_90 + PTX)
+    CELLKERN_BUILD_ONLY=cuda  build cellkern._C_cuda alone (forces the CUDA kernels; the
+                            quick GPU check: ``tools/gpu_check.sh`` with GPU_CHECK_BUILD=cuda)
     CELLKERN_NATIVE=0       do not compile with -march=native
     MAX_JOBS                parallel compile jobs (default: from free memory and cores)
+
+The nvcc compiles start first and run beside the C++ compiles of both
+extensions (they are waited for only at the link of ``_C_cuda``). A rebuild
+recompiles only what changed (ninja for the C++ files, a timestamp check
+against the ``.cu`` file and every csrc header for the objects) and relinks.
 """
 import glob
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from setuptools import setup
@@ -86,10 +94,24 @@ def _nvcc(cuda_home):
     return shutil.which("nvcc") or (fallback if os.path.exists(fallback) else None)
 
 
+def _build_only():
+    """CELLKERN_BUILD_ONLY: None when unset (every extension), "cuda" for
+    cellkern._C_cuda alone (the CPU extension is neither built nor touched)."""
+    v = os.environ.get("CELLKERN_BUILD_ONLY", "").strip().lower()
+    if v not in ("", "cuda"):
+        raise ValueError(f"CELLKERN_BUILD_ONLY must be unset or 'cuda', got {v!r}")
+    return v or None
+
+
 def _want_cuda(torch, nvcc) -> bool:
-    """CELLKERN_CUDA=1 forces the CUDA kernels (an error without nvcc), =0 skips
-    them; by default they are built when torch has CUDA and nvcc exists."""
+    """CELLKERN_CUDA=1 (or CELLKERN_BUILD_ONLY=cuda) forces the CUDA kernels (an
+    error without nvcc), =0 skips them; by default they are built when torch
+    has CUDA and nvcc exists."""
     forced = _flag("CELLKERN_CUDA")
+    if _build_only() == "cuda":
+        if forced is False:
+            raise ValueError("CELLKERN_BUILD_ONLY=cuda contradicts CELLKERN_CUDA=0")
+        forced = True
     if forced is False or not glob.glob(os.path.join(CSRC, "cuda", "*.cu")):
         return False
     if forced is True:
@@ -126,16 +148,23 @@ def nvcc_flags() -> list:
     return ["-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC", f"-I{os.path.join(ROOT, CSRC)}"]
 
 
+def _headers() -> list:
+    """Every header under csrc/ (a newer one recompiles the .cu objects)."""
+    return sorted(glob.glob(os.path.join(ROOT, CSRC, "**", "*.h"), recursive=True) +
+                  glob.glob(os.path.join(ROOT, CSRC, "**", "*.cuh"), recursive=True))
+
+
 def _compile_cu(nvcc, sources, out_dir, jobs) -> list:
     """Compile each ``.cu`` file to an object (again only when it or a header
-    under csrc/ is newer than its object), ``jobs`` at a time."""
+    under csrc/ is newer than its object), ``jobs`` at a time; nvcc compiles
+    the architectures of one file in parallel too (--threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
     os.makedirs(out_dir, exist_ok=True)
-    headers = glob.glob(os.path.join(ROOT, CSRC, "**", "*.h"), recursive=True) + \
-        glob.glob(os.path.join(ROOT, CSRC, "**", "*.cuh"), recursive=True)
-    newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
-    flags = nvcc_flags() + cuda_arch_flags()
+    newest_header = max((os.path.getmtime(h) for h in _headers()), default=0.0)
+    arch = cuda_arch_flags()
+    flags = nvcc_flags() + arch + ([f"--threads={min(len(arch), max(1, jobs // max(1, len(sources))))}"]
+                                   if len(arch) > 1 else [])
 
     def one(src):
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")
@@ -145,7 +174,8 @@ def _compile_cu(nvcc, sources, out_dir, jobs) -> list:
                  and os.path.exists(stamp) and open(stamp).read() == key)
         if not fresh:
             cmd = [nvcc, "-c", src, "-o", obj] + flags
-            print(" ".join(cmd), flush=True)
+            sys.stdout.write(" ".join(cmd) + "\n")  # one write: the compiles print from threads
+            sys.stdout.flush()
             subprocess.run(cmd, check=True)
             with open(stamp, "w") as f:
                 f.write(key)
@@ -218,7 +248,7 @@ def extensions():
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
-    exts = [CppExtension(**kwargs)]
+    exts = [] if _build_only() == "cuda" else [CppExtension(**kwargs)]
     nvcc = _nvcc(CUDA_HOME)
     if _want_cuda(torch, nvcc):
         exts.append(_cuda_extension(CppExtension, nvcc, CUDA_HOME, cxx_flags))
@@ -232,14 +262,35 @@ def cmdclass():
 
     class BuildWithCuda(base):
         """torch's BuildExtension, with the ``.cu`` objects of an extension
-        compiled by nvcc first (only when a build runs)."""
+        compiled by nvcc: started before any extension is built, so they run
+        beside the C++ compiles, and waited for at the link that needs them."""
+
+        def build_extensions(self):
+            from concurrent.futures import ThreadPoolExecutor
+
+            jobs = int(os.environ.get("MAX_JOBS", "1"))
+            out = os.path.join(os.path.abspath(self.build_temp), "cuda-objects")
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                self._cu_objects = {ext.name: pool.submit(_compile_cu, ext.nvcc, ext.cu_sources, out, jobs)
+                                    for ext in self.extensions if getattr(ext, "cu_sources", None)}
+                super().build_extensions()
 
         def build_extension(self, ext):
-            if getattr(ext, "cu_sources", None):
-                out = os.path.join(os.path.abspath(self.build_temp), "cuda-objects")
-                objs = _compile_cu(ext.nvcc, ext.cu_sources, out, int(os.environ.get("MAX_JOBS", "1")))
-                ext.extra_objects = list(ext.extra_objects or []) + [o for o in objs if o not in ext.extra_objects]
-            super().build_extension(ext)
+            job = getattr(self, "_cu_objects", {}).get(ext.name)
+            if job is None:
+                return super().build_extension(ext)
+            link = self.compiler.link_shared_object
+
+            def link_with_cu_objects(objects, *args, **kwargs):
+                objs = job.result()  # raises a failed nvcc compile here
+                return link(list(objects) + [o for o in objs if o not in objects], *args, **kwargs)
+
+            self.compiler.link_shared_object = link_with_cu_objects
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+            job.result()  # also when the link was skipped (up to date): an nvcc failure still fails the build
 
     return {"build_ext": BuildWithCuda}
 

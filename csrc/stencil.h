@@ -82,6 +82,19 @@ CK_HD inline int reduce_offset(int64_t d, int64_t n, bool periodic) {
   return static_cast<int>(periodic ? wrap(d, n) : d);
 }
 
+/// reduce_offset of the offset sign·o (o an int32 table entry, sign ±1) in
+/// 32-bit arithmetic (no 64-bit division): the same step along a periodic
+/// axis; along a zero axis the offset clamped to [-n, n], which leaves the
+/// axis exactly where sign·o does (and i + d cannot overflow).
+CK_HD inline int reduce_offset32(int o, int sign, int n, bool periodic) {
+  if (periodic) {
+    const int r = (o % n) * sign;  // in (-n, n)
+    return r < 0 ? r + n : r;
+  }
+  const int64_t d = int64_t(sign) * o;
+  return static_cast<int>(d < -n ? -n : (d > n ? n : d));
+}
+
 /// The coordinate i + d of an axis of size n, d from reduce_offset: wrapped
 /// with one compare when periodic, -1 when it leaves a zero boundary.
 CK_HD inline int axis_step(int i, int d, int n, bool periodic) {

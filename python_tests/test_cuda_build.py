@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -83,16 +84,24 @@ def test_every_cu_file_compiles_without_warnings(tmp_path):
         assert (tmp_path / (os.path.basename(src) + ".o")).stat().st_size > 0
 
 
-def _setup_functions(*names):
-    """Functions of setup.py, without running setup() (it builds on import)."""
+def _setup_namespace():
+    """Every function of setup.py, without running setup() (it builds on import)."""
     import ast
+    import platform
+    import tempfile
 
     path = os.path.join(ROOT, "setup.py")
     with open(path) as f:
         tree = ast.parse(f.read(), path)
-    keep = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
-    ns = {"os": os, "glob": glob, "shutil": shutil, "CSRC": CSRC, "ROOT": ROOT}
+    keep = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    ns = {"os": os, "glob": glob, "shutil": shutil, "platform": platform, "subprocess": subprocess, "sys": sys,
+          "tempfile": tempfile, "CSRC": CSRC, "ROOT": ROOT}
     exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)  # noqa: S102 - our own setup.py
+    return ns
+
+
+def _setup_functions(*names):
+    ns = _setup_namespace()
     return [ns[n] for n in names]
 
 
@@ -110,8 +119,8 @@ def test_arch_list_reaches_nvcc():
 def test_cellkern_cuda_switch(monkeypatch):
     """CELLKERN_CUDA=0 skips the CUDA kernels, =1 forces them (an error without
     nvcc); unset, they follow torch's CUDA and nvcc."""
-    flag, want = _setup_functions("_flag", "_want_cuda")
-    want.__globals__["_flag"] = flag
+    (want,) = _setup_functions("_want_cuda")
+    monkeypatch.delenv("CELLKERN_BUILD_ONLY", raising=False)
     cuda_torch = type("T", (), {"version": type("V", (), {"cuda": "13.0"})})
     cpu_torch = type("T", (), {"version": type("V", (), {"cuda": None})})
     monkeypatch.delenv("CELLKERN_CUDA", raising=False)
@@ -122,3 +131,44 @@ def test_cellkern_cuda_switch(monkeypatch):
     assert want(cpu_torch, "/x/nvcc")
     with pytest.raises(RuntimeError, match="CELLKERN_CUDA=1 but nvcc was not found"):
         want(cuda_torch, None)
+
+
+def test_build_only_cuda_leaves_the_cpu_extension_out(monkeypatch):
+    """CELLKERN_BUILD_ONLY=cuda: the extension list setup.py would build holds
+    cellkern._C_cuda alone (forced as by CELLKERN_CUDA=1), for the quick GPU
+    check; unset, cellkern._C is built (here alone: CELLKERN_CUDA=0)."""
+    ns = _setup_namespace()
+    for k, v in {"MAX_JOBS": "1", "CELLKERN_NATIVE": "0", "CELLKERN_CUDA": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("CELLKERN_BUILD_ONLY", raising=False)
+
+    def names():
+        return [e.name for e in ns["extensions"]()]
+
+    assert names() == ["cellkern._C"]
+    monkeypatch.setenv("CELLKERN_BUILD_ONLY", "cpu")
+    with pytest.raises(ValueError, match="CELLKERN_BUILD_ONLY must be unset or 'cuda', got 'cpu'"):
+        names()
+    monkeypatch.setenv("CELLKERN_BUILD_ONLY", "cuda")
+    with pytest.raises(ValueError, match="contradicts CELLKERN_CUDA=0"):
+        names()
+    monkeypatch.delenv("CELLKERN_CUDA")
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if ns["_nvcc"](CUDA_HOME) is None:
+        with pytest.raises(RuntimeError, match="nvcc was not found"):
+            names()
+        return
+    (ext,) = ns["extensions"]()
+    assert ext.name == "cellkern._C_cuda"
+    assert [os.path.basename(p) for p in ext.cu_sources] == [os.path.basename(p) for p in CU_FILES]
+
+
+def test_gpu_check_refuses_an_unknown_build_mode(tmp_path):
+    """tools/gpu_check.sh takes GPU_CHECK_BUILD = 0, 1 or cuda (CELLKERN_BUILD_ONLY=cuda
+    above) and says so, before it touches a device or a build."""
+    env = dict(os.environ, GPU_CHECK_BUILD="cpu", PY="false")
+    res = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "GPU_CHECK_BUILD must be 0, 1 or cuda, got 'cpu'" in res.stdout

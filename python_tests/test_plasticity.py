@@ -156,8 +156,13 @@ def _run(c, inp, w_dtype, s_dtype, backend, device):
     return snaps
 
 
+# moore on rows wider than two warps: the CUDA synapse kernel has paths of its
+# own for warps of interior rows, with and without an x edge in them
+WIDE = [dict(c, dims=dims, stencil="moore", dep=dep)
+        for c, dims, dep in zip(_cases("plasticity_step_", 24, 15)[::6], [(3, 4, 97), (4, 3, 70), (3, 3, 66), (3, 4, 97)],
+                                ["multiplicative", "additive", "multiplicative", "multiplicative"])]
 MATRIX = (_cases("stdp_", 10, 11) + _cases("bcm_", 6, 12) + _cases("plasticity_step_", 24, 13)
-          + _cases("heterosynaptic_normalize_", 4, 14))
+          + _cases("heterosynaptic_normalize_", 4, 14) + WIDE)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -202,6 +207,8 @@ def test_cpu_simd_rows_match_reference(case):
 def _check_case(backend, device, case):
     dtype = case["dtype"]
     skip_unsupported_dtype(backend, device, dtype)
+    if interpreted(backend, device) and case in WIDE:
+        pytest.skip("large lattice: interpreted Triton runs the small ones")
     sd = _state_dtype(dtype)
     inp = _inputs(case)
     if interpreted(backend, device) and case["op"] != "plasticity_step_":

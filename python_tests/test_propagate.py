@@ -284,7 +284,10 @@ ONE_PLANE_CASES = [dict(dims=dims, B=1, C=1, stencil="moore", boundary=boundary,
                    for dims, boundary, mask, dtype in [
                        ((5, 6, 7), "periodic", False, torch.float32), ((4, 3, 9), "zero", True, torch.float32),
                        ((3, 5, 4), ("zero", "periodic", "periodic"), False, torch.float16),
-                       ((2, 7, 3), ("periodic", "zero", "zero"), True, torch.float64)]]
+                       ((2, 7, 3), ("periodic", "zero", "zero"), True, torch.float64),
+                       # rows wider than two warps: warps with no x edge in them (a CUDA path of their own)
+                       ((3, 4, 97), ("zero", "zero", "periodic"), True, torch.float32),
+                       ((4, 3, 70), "periodic", False, torch.float16)]]
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -292,4 +295,21 @@ ONE_PLANE_CASES = [dict(dims=dims, B=1, C=1, stencil="moore", boundary=boundary,
 def test_one_plane_moore_matches_reference(backend, device, case):
     """B = C = 1 with the moore stencil, the benchmarks' case (a kernel may take
     a path of its own there), forward and gradients."""
+    test_propagate_matches_reference(backend, device, case)
+
+
+WIDE_CASES = [dict(dims=dims, B=B, C=C, stencil=stencil, boundary=boundary, mask=mask, x=False, bias=None,
+                   activation="identity", leak=1.0, dtype=dtype)
+              for dims, B, C, stencil, boundary, mask, dtype in [
+                  ((3, 4, 97), 2, 2, "moore", "zero", True, torch.float32),
+                  ((4, 3, 70), 1, 3, "moore18", "periodic", False, torch.float16),
+                  ((3, 3, 66), 3, 1, "moore", ("periodic", "zero", "periodic"), True, torch.float64)]]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("case", WIDE_CASES, ids=_id)
+def test_wide_rows_match_reference(backend, device, case):
+    """B·C > 1 on rows wider than two warps (K ≤ 32): the CUDA kernels' own
+    paths for warps of interior rows with and without an x edge, forward and
+    gradients."""
     test_propagate_matches_reference(backend, device, case)

@@ -76,16 +76,34 @@ struct Fields {
     const A xq = (stdp && x_post != nullptr) ? x_post[o] : A(0);
     return cell_terms(rt, gb * inv_b * lr_i, zi, xq, yi, th_i);
   }
-  /// Sample b's Δw of the synapse from the pre cell j (old weight w0) but
+};
+
+/// The neighbour fields of one sample: base pointers of the plane b, so a
+/// synapse's reads are a 32-bit index off them (no 64-bit address per
+/// synapse lives across the batch loop).
+template <typename A>
+struct Sample {
+  const A *y, *spikes, *x_pre;
+  bool stdp;
+  A thr, e_pre;
+
+  __device__ __forceinline__ Sample(const Fields<A>& F, int64_t b)
+      : y(F.y != nullptr ? F.y + b * F.N : nullptr),
+        spikes(F.spikes != nullptr ? F.spikes + b * F.N : nullptr),
+        x_pre(F.x_pre != nullptr ? F.x_pre + b * F.N : nullptr),
+        stdp(F.stdp),
+        thr(F.thr),
+        e_pre(F.e_pre) {}
+
+  /// This sample's Δw of the synapse from the pre cell j (old weight w0) but
   /// the decay term: c0 + c1·w0 of synapse_terms.
   template <bool MULT>
-  __device__ __forceinline__ A delta(int64_t b, int j, const CellTerms<A>& t, A w_min, A w_max, A w0) const {
-    const int64_t o = b * N + j;
-    const A yj = y != nullptr ? y[o] : A(0);
+  __device__ __forceinline__ A delta(int j, const CellTerms<A>& t, A w_min, A w_max, A w0) const {
+    const A yj = y != nullptr ? y[j] : A(0);
     A zj = A(0), xj = A(0);
     if (stdp) {
-      zj = spikes != nullptr ? spikes[o] : (yj > thr ? A(1) : A(0));
-      xj = x_pre[o] * e_pre;  // the pre trace decays first
+      zj = spikes != nullptr ? spikes[j] : (yj > thr ? A(1) : A(0));
+      xj = x_pre[j] * e_pre;  // the pre trace decays first
     }
     A c0 = A(0), c1 = A(0);
     synapse_terms<MULT>(w_min, w_max, t.p, t.q, t.r, xj, zj, yj, &c0, &c1);
@@ -93,14 +111,22 @@ struct Fields {
   }
 };
 
-// At most 128 registers (2 blocks an SM): left alone, the compiler keeps
-// 64-bit addresses of every neighbour field across the batch loop (~200).
+// The registers of a cell across the batch loop: its K old weights and K Δw
+// sums (2·K values in A, constant indices only) and a bitmask of the live
+// synapses. The neighbour index of a synapse is recomputed where it is used
+// (a shared-memory lookup and a few integer operations): holding K indices,
+// and the K·3 64-bit field addresses the compiler derives from them, across
+// the batch loop is what made this kernel spill. fp32 runs at ~93 registers,
+// 2 blocks of 256 threads an SM, no spills (tools/ptxas_report.py); fp64
+// (2·K doubles) gets the 255 registers of one block.
 template <typename W, typename A, int KT>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 1 : 2)
     synapse_kernel(const Lattice L, const PlasticityParams P, W* __restrict__ p_w, const uint8_t* __restrict__ p_m,
                    const Fields<A> F) {
   int4* s_off = shared_offsets();
   load_offsets(L, 1, s_off);
+  Interior I{};
+  if constexpr (KT > 0) I = load_interior(L, 1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = F.N;
@@ -110,39 +136,57 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool mult = P.multiplicative;
   // Δw is affine in the old w (csrc/plasticity.h), so each sample's part is
   // evaluated at the old w and one sum per synapse stays in a register
-  auto delta = [&](int64_t b, int j, const CellTerms<A>& t, A w0) {
-    return mult ? F.template delta<true>(b, j, t, lo, hi, w0) : F.template delta<false>(b, j, t, lo, hi, w0);
+  auto delta = [&](const Sample<A>& S, int j, const CellTerms<A>& t, A w0) {
+    return mult ? S.template delta<true>(j, t, lo, hi, w0) : S.template delta<false>(j, t, lo, hi, w0);
   };
   A upd = A(0), dcell = A(0);  // any winner; Σ_b of the decay coefficient
   if constexpr (KT > 0) {
-    const int K = KT == 26 ? 26 : L.K;
-    A wv[KT], dw[KT];
-    int nb[KT];
+    // a run-time bound, also for KT = 26: with a constant one the compiler
+    // interleaves the synapses more widely than 128 registers hold (spills)
+    const int K = L.K;
+    W* p_wc = p_w + c.i;  // w[k, i] = p_wc[k·N]: coalesced along x
+    const uint8_t* p_mc = p_m != nullptr ? p_m + c.i : nullptr;
+    A wv[KT], dw[KT];  // constant indices only (every loop over k unrolled): registers
+    W wr[KT];
+    uint8_t mk[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {  // every load of w and the mask in flight before the first use
+      if (k < K) {
+        wr[k] = load_stream(p_wc + int64_t(k) * N);
+        mk[k] = p_mc == nullptr ? uint8_t(1) : p_mc[int64_t(k) * N];
+      }
+    }
     uint32_t live = 0;
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       wv[k] = dw[k] = A(0);
-      nb[k] = c.i;
       if (k < K) {
-        const int64_t wi = int64_t(k) * N + c.i;
-        wv[k] = to_acc<A>(load_stream(p_w + wi));
-        const int j = nbr_of(L, c, s_off[k]);
-        const bool on = j >= 0 && (p_m == nullptr || p_m[wi]);
-        live |= uint32_t(on) << k;
-        if (on) nb[k] = j;
+        wv[k] = to_acc<A>(wr[k]);
+        live |= uint32_t(mk[k] != 0 && nbr_of(L, c, s_off[k]) >= 0) << k;
       }
     }
-    for (int64_t b = 0; b < F.B; ++b) {
-      const A gb = F.gate(b, c.i);
-      upd = gb > upd ? gb : upd;
-      if (gb * lr_i == A(0)) continue;  // a sample this cell does not learn from adds exactly 0
-      const CellTerms<A> t = F.own(b, c.i, gb, lr_i, th_i);
-      dcell += t.d;
+    // the batch loop, with nbr(k) the pre cell of a live synapse found the
+    // cheapest way that holds for the whole warp (with_nbr)
+    auto batch = [&](auto nbr) {
+      for (int64_t b = 0; b < F.B; ++b) {
+        const A gb = F.gate(b, c.i);
+        upd = gb > upd ? gb : upd;
+        if (gb * lr_i == A(0)) continue;  // a sample this cell does not learn from adds exactly 0
+        const CellTerms<A> t = F.own(b, c.i, gb, lr_i, th_i);
+        dcell += t.d;
+        const Sample<A> S(F, b);
 #pragma unroll
-      for (int k = 0; k < KT; ++k) {
-        if (k < K && ((live >> k) & 1u)) dw[k] += delta(b, nb[k], t, wv[k]);
+        for (int k = 0; k < KT; ++k) {
+          if (k < K && ((live >> k) & 1u)) dw[k] += delta(S, nbr(k), t, wv[k]);
+        }
       }
-    }
+    };
+    with_nbr(L, I, s_off, c, [&](auto nbr) {
+      batch([&](int k) {
+        bool on;  // true: a live synapse has its neighbour
+        return nbr(k, &on);
+      });
+    });
     A before = A(0), after = A(0);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
@@ -161,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         // cells that learn nothing this step (most, under competition) cost
         // a read of w only
         const A v = clamp_weight(dw[k] * scale, lo, hi);
-        if (!(v == wv[k])) store_stream(p_w + int64_t(k) * N + c.i, from_acc<W>(v));
+        if (!(v == wv[k])) store_stream(p_wc + int64_t(k) * N, from_acc<W>(v));
       }
     }
   } else {
@@ -176,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       A d = A(0);
       for (int64_t b = 0; b < F.B; ++b) {
         const A gb = F.gate(b, c.i);
-        if (gb * lr_i != A(0)) d += delta(b, j, F.own(b, c.i, gb, lr_i, th_i), w0);
+        if (gb * lr_i != A(0)) d += delta(Sample<A>(F, b), j, F.own(b, c.i, gb, lr_i, th_i), w0);
       }
       return w0 + d - dcell * w0;
     };
@@ -237,19 +281,23 @@ __global__ void __launch_bounds__(kThreads)
   };
   A total = A(0);
   if constexpr (KT > 0) {
-    const int K = KT == 26 ? 26 : L.K;
+    const int K = L.K;  // a run-time bound, as in synapse_kernel
     A wv[KT];
+    uint8_t mk[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {  // every load of w and the mask in flight before the first use
+      wv[k] = A(0);
+      if (k < K) {
+        wv[k] = to_acc<A>(load_stream(p_w + int64_t(k) * N + c.i));
+        mk[k] = p_m == nullptr ? uint8_t(1) : p_m[int64_t(k) * N + c.i];
+      }
+    }
     uint32_t live = 0;
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
-      wv[k] = A(0);
-      if (k < K) {
-        const int64_t wi = int64_t(k) * N + c.i;
-        wv[k] = to_acc<A>(load_stream(p_w + wi));
-        if (is_live(k, wi)) {
-          live |= 1u << k;
-          total += fabs(wv[k]);
-        }
+      if (k < K && mk[k] != 0 && nbr_of(L, c, s_off[k]) >= 0) {
+        live |= 1u << k;
+        total += fabs(wv[k]);
       }
     }
     const A scale = normalize_scale(p_target[c.i], total, ok);

@@ -15,6 +15,9 @@
 // weight gradient is a reduction over (b, c) per synapse in registers: no
 // atomics. K = 26 (moore) compiles exactly; any K ≤ 32 runs the same
 // register code with a run-time bound; larger stencils run plain loops.
+// Where those kernels look up a neighbour, a warp of an interior row takes
+// one add (no x edge in the warp) or one x step instead of the three
+// bounded axis steps of step_index (with_nbr, common.cuh).
 //
 // Precision: T (fp32/fp16/bf16/fp64) loaded and converted, sums and u/du in
 // A = fp32 (fp64 for fp64), results rounded once to T.
@@ -26,7 +29,8 @@ namespace {
 
 // PLANE (B·C = 1, K = 26): no (b, c) to reuse the weights for, so nothing is
 // kept in registers (a quarter of the registers: more warps, every load in
-// flight at once).
+// flight at once). Its rows inside the interior box (all but a thin shell)
+// find a neighbour with one x step (interior_nbr) instead of three axis steps.
 template <typename T, int KT, bool PLANE>
 __global__ void __launch_bounds__(kThreads)
     gather_forward_kernel(const Lattice L, const T* __restrict__ p_s, const T* __restrict__ p_w,
@@ -36,6 +40,8 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_of<T>;
   int4* s_off = shared_offsets();
   load_offsets(L, 1, s_off);
+  Interior I{};
+  if constexpr (KT > 0) I = load_interior(L, 1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
@@ -52,35 +58,48 @@ __global__ void __launch_bounds__(kThreads)
     p_out[o] = from_acc<T>(keep * to_acc<A>(p_s[o]) + alpha * act_fn(act, acc));
   };
   if constexpr (PLANE) {
-    A acc = A(0);
+    // every load (w, mask, s) of a synapse independent of the others and
+    // branch-free: all in flight before the first product is summed
+    const T* p_wc = p_w + c.i;
+    const uint8_t* p_mc = p_m + c.i;  // read only when p_m is not null
+    auto gather = [&](auto nbr, auto masked) {
+      A acc = A(0);
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      const int64_t wi = int64_t(k) * N + c.i;
-      const A wv = to_acc<A>(load_stream(p_w + wi));
-      const int j = nbr_of(L, c, s_off[k]);
-      const bool on = j >= 0 && (p_m == nullptr || p_m[wi]);
-      const A sv = to_acc<A>(p_s[on ? j : c.i]);
-      acc += on ? wv * sv : A(0);
-    }
+      for (int k = 0; k < KT; ++k) {
+        bool on;
+        const int j = nbr(k, &on);
+        const A wv = to_acc<A>(load_stream(p_wc + int64_t(k) * N));
+        const A sv = to_acc<A>(p_s[j]);
+        if constexpr (decltype(masked)::value) on = on & (p_mc[int64_t(k) * N] != 0);
+        acc = on ? acc + wv * sv : acc;
+      }
+      return acc;
+    };
+    const A acc = with_nbr(L, I, s_off, c, [&](auto nbr) {
+      return p_m == nullptr ? gather(nbr, std::false_type{}) : gather(nbr, std::true_type{});
+    });
     epilogue(0, acc);
   } else if constexpr (KT > 0) {
     const int K = KT == 26 ? 26 : L.K;
     A wk[KT];
     int nb[KT];
+    with_nbr(L, I, s_off, c, [&](auto nbr) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      wk[k] = A(0);  // a dead synapse: weight 0 on the cell's own state
-      nb[k] = c.i;
-      if (k < K) {
-        const int64_t wi = int64_t(k) * N + c.i;
-        const A wv = to_acc<A>(load_stream(p_w + wi));
-        const int j = nbr_of(L, c, s_off[k]);
-        if (j >= 0 && (p_m == nullptr || p_m[wi])) {
-          wk[k] = wv;
-          nb[k] = j;
+      for (int k = 0; k < KT; ++k) {
+        wk[k] = A(0);  // a dead synapse: weight 0 on the cell's own state
+        nb[k] = c.i;
+        if (k < K) {
+          const int64_t wi = int64_t(k) * N + c.i;
+          const A wv = to_acc<A>(load_stream(p_w + wi));
+          bool on;
+          const int j = nbr(k, &on);
+          if (on && (p_m == nullptr || p_m[wi])) {
+            wk[k] = wv;
+            nb[k] = j;
+          }
         }
       }
-    }
+    });
     for (int64_t bc = 0; bc < L.BC; ++bc) {
       const T* p_sb = p_s + bc * N;
       A acc = A(0);
@@ -114,6 +133,8 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_of<T>;
   int4* s_off = shared_offsets();
   load_offsets(L, -1, s_off);
+  Interior I{};
+  if constexpr (KT > 0) I = load_interior(L, -1, s_off);
   const Cell c = this_cell(L);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
@@ -127,22 +148,25 @@ __global__ void __launch_bounds__(kThreads)
     const int K = KT == 26 ? 26 : L.K;
     A wk[KT];
     int nb[KT];
+    with_nbr(L, I, s_off, c, [&](auto nbr) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      wk[k] = A(0);
-      nb[k] = c.i;
-      if (k < K) {
-        const int src = nbr_of(L, c, s_off[k]);
-        if (src >= 0) {
-          const int64_t wi = int64_t(k) * N + src;
-          const A wv = to_acc<A>(load_stream(p_w + wi));
-          if (p_m == nullptr || p_m[wi]) {
-            wk[k] = wv;
-            nb[k] = src;
+      for (int k = 0; k < KT; ++k) {
+        wk[k] = A(0);
+        nb[k] = c.i;
+        if (k < K) {
+          bool on;
+          const int src = nbr(k, &on);
+          if (on) {
+            const int64_t wi = int64_t(k) * N + src;
+            const A wv = to_acc<A>(load_stream(p_w + wi));
+            if (p_m == nullptr || p_m[wi]) {
+              wk[k] = wv;
+              nb[k] = src;
+            }
           }
         }
       }
-    }
+    });
     for (int64_t bc = 0; bc < L.BC; ++bc) {
       const A* p_gb = p_g + bc * N;
       A acc = A(0);
