@@ -42,8 +42,8 @@ def _config(path):
 def run(config_path, out, resume, progress, parallel) -> None:
     """Run the staged schedule (the main job) and write its report.
 
-    On several processes: ``torchrun --nproc-per-node 2 -m cellkern.cli run --parallel data``
-    (or ``domain``); the result equals the one-process run, rank 0 writes the files."""
+    On several processes: torchrun --nproc-per-node 2 -m cellkern.cli run --parallel data
+    (or domain); the result equals the one-process run, rank 0 writes the files."""
     from .parallel import init_from_env, shutdown
     from .report import summary_table
     from .trainer import Trainer
