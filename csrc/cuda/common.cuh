@@ -214,6 +214,16 @@ __device__ __forceinline__ int interior_nbr(const Lattice& L, int i, int x, int2
   return i + d.x + (out ? (xx < 0 ? L.W : -L.W) : 0);
 }
 
+/// The preamble of the register stencil kernels: the block's stencil table
+/// (sign -1: the transposed stencil), the interior box when KT > 0, and this
+/// thread's cell. Every thread of the block must call it (barriers).
+template <int KT>
+__device__ __forceinline__ Cell stencil_preamble(const Lattice& L, int sign, int4* s_off, Interior* I) {
+  load_offsets(L, sign, s_off);
+  if constexpr (KT > 0) *I = load_interior(L, sign, s_off);
+  return this_cell(L);
+}
+
 /// The in-lattice index of the cell at c + o (o from load_offsets), -1 outside a zero boundary.
 __device__ __forceinline__ int nbr_of(const Lattice& L, const Cell& c, int4 o) {
   return step_index(c.z, c.y, c.x, o.x, o.y, o.z, L.D, L.H, L.W, L.pz, L.py, L.px);

@@ -124,10 +124,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 1 : 2)
     synapse_kernel(const Lattice L, const PlasticityParams P, W* __restrict__ p_w, const uint8_t* __restrict__ p_m,
                    const Fields<A> F) {
   int4* s_off = shared_offsets();
-  load_offsets(L, 1, s_off);
   Interior I{};
-  if constexpr (KT > 0) I = load_interior(L, 1, s_off);
-  const Cell c = this_cell(L);
+  const Cell c = stencil_preamble<KT>(L, 1, s_off, &I);
   if (!c.in) return;
   const int64_t N = F.N;
   const A lo = A(P.w_min), hi = A(P.w_max);

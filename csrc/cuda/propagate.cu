@@ -39,10 +39,8 @@ __global__ void __launch_bounds__(kThreads)
                           acc_of<T>* __restrict__ p_u) {
   using A = acc_of<T>;
   int4* s_off = shared_offsets();
-  load_offsets(L, 1, s_off);
   Interior I{};
-  if constexpr (KT > 0) I = load_interior(L, 1, s_off);
-  const Cell c = this_cell(L);
+  const Cell c = stencil_preamble<KT>(L, 1, s_off, &I);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
   const A alpha = A(leak), keep = A(1.0 - leak);
@@ -132,10 +130,8 @@ __global__ void __launch_bounds__(kThreads)
                              T* __restrict__ p_out) {
   using A = acc_of<T>;
   int4* s_off = shared_offsets();
-  load_offsets(L, -1, s_off);
   Interior I{};
-  if constexpr (KT > 0) I = load_interior(L, -1, s_off);
-  const Cell c = this_cell(L);
+  const Cell c = stencil_preamble<KT>(L, -1, s_off, &I);
   if (!c.in) return;
   const int64_t N = int64_t(L.D) * L.H * L.W;
   const A r = A(res_coef);
