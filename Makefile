@@ -18,7 +18,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
-DEPS := numpy tqdm click matplotlib scikit-learn pyyaml pytest hypothesis pytest-benchmark ninja pybind11 setuptools wheel
+DEPS := numpy click matplotlib scikit-learn pyyaml pytest hypothesis pytest-benchmark ninja pybind11 setuptools wheel
 STAMP := $(VENV)/.cellkern-deps
 EXT_STAMP := build/.cellkern-ext
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
@@ -49,7 +49,7 @@ test: setup
 	$(PY) -m pytest -q python_tests
 
 demo: setup
-	$(PY) -m cellkern.cli run --out runs/demo
+	$(PY) -m cellkern.train.cli run --out runs/demo
 
 bench: setup
 	$(PY) -m benchmarks.propagate

@@ -18,7 +18,10 @@ allocate it (``ck.ops.propagate`` → ``ck.ops.activity`` →
   the saved tensors of ``steps`` updates (each saves its output and the fp32
   pre-activation ``u``; with ``checkpoint_every=k`` only ``⌈T/k⌉`` states plus
   one recomputed segment of ``k`` steps) with ``w``'s gradient and the
-  gradient of the step being added to it.
+  gradient of the step being added to it. ELL weights (SPEC §5) learn and
+  backpropagate through their dense masked form: plasticity and backward
+  then also hold a dense ``w``, its bool mask (and, in backward, the dense
+  ``dw``) for the duration of the op.
 
 The estimate is checked against the peak the torch profiler sees (every torch
 allocation, CPU) in ``python_tests/test_memory.py`` and at 300×300×150 by
@@ -35,6 +38,7 @@ from typing import Optional, Union
 
 import torch
 
+from .contract import accumulation_dtype
 from .stencil import Stencil
 from .stencil import stencil as make_stencil
 
@@ -170,10 +174,6 @@ def _check_config(op, config):
     return config
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def memory_breakdown(dims, config: MemoryConfig = MemoryConfig()) -> dict:
     """The bytes of each tensor :func:`memory_estimate` counts, by name.
 
@@ -187,7 +187,7 @@ def memory_breakdown(dims, config: MemoryConfig = MemoryConfig()) -> dict:
     dims, c = _check_dims(op, dims), _check_config(op, config)
     N = dims[0] * dims[1] * dims[2]
     sd, wd = c.state_dtype.itemsize, c.weight_dtype.itemsize
-    acc = _acc(c.state_dtype).itemsize
+    acc = accumulation_dtype(c.state_dtype).itemsize
     BN, BCN = c.batch * N, c.batch * c.channels * N
     out = {"state": BCN * sd}
     if c.drive:
@@ -218,8 +218,10 @@ def memory_breakdown(dims, config: MemoryConfig = MemoryConfig()) -> dict:
             plast["inhibition_scratch"] = BN * acc
         if low:  # the kernel's fp32 copies of y (replaced by y' under competition), traces and θ
             plast["state_casts"] = ((2 if c.competition else 3) * BN + N) * acc
+        if c.sparse_format == "ell":  # plasticity on ELL weights runs on their dense masked form
+            plast.update(ell_dense_weights=c.K * N * wd, ell_dense_mask=c.K * N)
         if wd < 4:  # fp16/bf16 weights learn in an fp32 working copy, rounded back stochastically
-            plast["weights_fp32_work"] = c.slots * N * 4
+            plast["weights_fp32_work"] = (c.K if c.sparse_format == "ell" else c.slots) * N * 4
         phases["plasticity"] = plast
     if c.autograd:
         T, k = c.steps, c.checkpoint_every
@@ -239,6 +241,8 @@ def memory_breakdown(dims, config: MemoryConfig = MemoryConfig()) -> dict:
                 "grad_state": BCN * ((2 if T > 1 else 1) * sd + acc)}
         if cast:
             back["weights_cast"] = cast
+        if c.sparse_format == "ell":  # the backward of ELL weights runs on their dense form: w, mask and dw
+            back.update(ell_dense_weights=c.K * N * wd, ell_dense_mask=c.K * N, ell_dense_grad=c.K * N * wd)
         phases["backward"] = back
     out.update(max(phases.values(), key=lambda p: sum(p.values())))
     return out

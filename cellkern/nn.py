@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .backends.reference import ACTIVATIONS
-from .ops import validation as V
+from .contract import ACTIVATIONS
+from . import validation
 from .ops.competition import ACTIVITY_MODES
 from .rules import PlasticityRule, PlasticityState
 from .stencil import parse_boundary, stencil as make_stencil
@@ -63,21 +63,21 @@ class Lattice3d(nn.Module):
         super().__init__()
         op = "Lattice3d"
         self.dims = _check_dims(op, dims)
-        self.channels = V.check_positive_int(op, "channels", channels)
-        self.steps = V.check_positive_int(op, "steps", steps)
-        self.checkpoint_every = V.check_positive_int(op, "checkpoint_every", checkpoint_every, allow_none=True)
+        self.channels = validation.check_positive_int(op, "channels", channels)
+        self.steps = validation.check_positive_int(op, "steps", steps)
+        self.checkpoint_every = validation.check_positive_int(op, "checkpoint_every", checkpoint_every, allow_none=True)
         self.stencil = make_stencil(stencil)
         self.boundary = parse_boundary(boundary)
-        self.leak = V.check_leak(op, leak)
-        self.activation = V.check_choice(op, "activation", activation, ACTIVATIONS)
-        self.activity = V.check_choice(op, "activity", activity, ACTIVITY_MODES)
+        self.leak = validation.check_leak(op, leak)
+        self.activation = validation.check_choice(op, "activation", activation, ACTIVATIONS)
+        self.activity = validation.check_choice(op, "activity", activity, ACTIVITY_MODES)
         if rule is not None and not isinstance(rule, PlasticityRule):
             raise TypeError(f"{op}: rule must be a cellkern.PlasticityRule or None, got {type(rule).__name__}")
         self.rule = rule
         self.backend = backend
         if init is None:
             init = (0.0, 0.1) if rule is None else (rule.w_min, rule.w_min + 0.1)
-        lo, hi = (V.check_real(op, "init[0]", init[0]), V.check_real(op, "init[1]", init[1]))
+        lo, hi = (validation.check_real(op, "init[0]", init[0]), validation.check_real(op, "init[1]", init[1]))
         if hi < lo:
             raise ValueError(f"{op}: init must be (low, high) with low <= high, got {tuple(init)}")
         factory = {"dtype": dtype, "device": device}

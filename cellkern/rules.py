@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .ops.validation import check_real
+from .validation import check_real
 
 __all__ = ["STDP", "BCM", "Competition", "PlasticityRule", "PlasticityState", "PlasticityParams"]
 
@@ -202,6 +202,10 @@ class PlasticityRule:
         return PlasticityParams(**kw)
 
 
+#: θ₀, the BCM threshold's start value (SPEC §4: never 0)
+THETA0 = 0.01
+
+
 @dataclass
 class PlasticityState:
     """What the rules carry between steps: STDP traces and the BCM threshold.
@@ -221,7 +225,7 @@ class PlasticityState:
     step: int = 0
 
     @classmethod
-    def create(cls, dims, batch: int = 1, *, theta0: float = 0.01, dtype=torch.float32,
+    def create(cls, dims, batch: int = 1, *, theta0: float = THETA0, dtype=torch.float32,
                device=None) -> "PlasticityState":
         """Zero traces and θ = θ₀ everywhere (never 0: a threshold that starts
         at 0 makes every cell potentiate).
@@ -248,11 +252,6 @@ class PlasticityState:
             x_post=torch.zeros(shape, dtype=dtype, device=device),
             theta=torch.full(shape[1:], t0, dtype=dtype, device=device),
         )
-
-    def reset_traces(self) -> None:
-        """Zero both traces (a new stimulus or a transfer between stages)."""
-        self.x_pre.zero_()
-        self.x_post.zero_()
 
     def to(self, *args, **kwargs) -> "PlasticityState":
         """A copy with every tensor moved/cast like ``Tensor.to``."""

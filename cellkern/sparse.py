@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from .ops import validation as V
+from . import validation
+from .stencil import geometry, live_synapses, shift
 
 __all__ = ["prune", "pack_mask", "unpack_mask", "to_ell", "from_ell", "SparseWeights", "keep_count",
-           "EMPTY", "CRITERIA"]
+           "EMPTY", "CRITERIA", "PRUNE_OF"]
 
 #: the ``idx`` value of an empty ELL slot
 EMPTY = 255
@@ -40,14 +41,24 @@ def keep_count(live: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.floor(live.to(torch.float64) * keep + 0.5).to(torch.int64)
 
 
-def prune(w, mask=None, keep=0.3, criterion="magnitude", saliency=None, lam=1.0, *, stencil="moore",
+PRUNE_OF = ("live", "stencil")
+
+
+def prune(w, mask=None, keep=0.3, criterion="magnitude", saliency=None, lam=1.0, *, of="live", stencil="moore",
           boundary="periodic"):
     """Keep the top ``keep`` fraction of each cell's live synapses (SPEC §5).
 
-    Cell i with ``n_i`` live synapses (``mask`` True, all when ``mask`` is
-    None) keeps exactly :func:`keep_count` ``= floor(keep·n_i + 1/2)`` of them,
-    the ones of largest score; equal scores are broken by the lower offset
-    index k. Pruned synapses stay pruned.
+    Cell i keeps exactly :func:`keep_count` ``= floor(keep·n_i + 1/2)`` of
+    its live synapses, the ones of largest score; equal scores are broken by
+    the lower offset index k. Pruned synapses stay pruned. What ``n_i``
+    counts is named by ``of``:
+
+    - ``"live"``: the synapses live now (``mask`` True; all K when ``mask`` is
+      None), so pruning twice with 0.3 keeps 9% (SPEC §5's ``prune``);
+    - ``"stencil"``: the cell's synapses inside the lattice (its stencil under
+      ``boundary``), so pruning twice with 0.3 keeps 30% (the staged
+      schedule's ``sparse_keep``); synapses to cells outside a ``zero``
+      boundary are never kept.
 
     ``magnitude``: score = |w[k,i]|.
     ``emergence``: score = |w[k,i]| · (1 + λ·saliency[nbr(i,k)]) — the
@@ -64,8 +75,10 @@ def prune(w, mask=None, keep=0.3, criterion="magnitude", saliency=None, lam=1.0,
         criterion: ``"magnitude"`` or ``"emergence"``. Default: ``"magnitude"``.
         saliency: ``[D, H, W]`` or ``[K, D, H, W]`` float, required by ``emergence``. Default: None.
         lam: λ. Default: 1.
+        of: ``"live"`` or ``"stencil"``, what ``keep`` is a fraction of. Default: ``"live"``.
         stencil, boundary: the lattice of ``w`` (to find the presynaptic
-            cells for ``emergence``). Default: ``"moore"``, ``"periodic"``.
+            cells for ``emergence``, and the in-lattice synapses for
+            ``of="stencil"``). Default: ``"moore"``, ``"periodic"``.
 
     Returns:
         The new mask, bool ``[K, D, H, W]``.
@@ -78,43 +91,50 @@ def prune(w, mask=None, keep=0.3, criterion="magnitude", saliency=None, lam=1.0,
         8
     """
     op = "prune"
-    V.check_tensor(op, "w", w)
-    if w.dim() != 4 or w.dtype not in V.FLOAT_DTYPES or w.numel() == 0:
+    validation.check_tensor(op, "w", w)
+    if w.dim() != 4 or w.dtype not in validation.FLOAT_DTYPES or w.numel() == 0:
         raise ValueError(f"{op}: w must be a float tensor (K, D, H, W) with no empty dim, got "
                          f"{tuple(w.shape)} {w.dtype}")
     K = w.shape[0]
     mask = dense_mask(op, mask, K, tuple(w.shape[1:]), w.device)
-    keep = V.check_real(op, "keep", keep, nonneg=True)
+    keep = validation.check_real(op, "keep", keep, nonneg=True)
     if keep > 1:
         raise ValueError(f"{op}: keep must be in [0, 1], got {keep!r}")
-    criterion = V.check_choice(op, "criterion", criterion, CRITERIA)
+    criterion = validation.check_choice(op, "criterion", criterion, CRITERIA)
     score = w.detach().to(torch.float64).abs()
     if criterion == "emergence":
         if saliency is None:
             raise ValueError(f"{op}: criterion='emergence' needs saliency ((D, H, W) or (K, D, H, W)), got None")
-        V.check_tensor(op, "saliency", saliency)
+        validation.check_tensor(op, "saliency", saliency)
         if tuple(saliency.shape) not in (tuple(w.shape), tuple(w.shape[1:])):
             raise ValueError(f"{op}: saliency must have shape (D, H, W) = {tuple(w.shape[1:])} or (K, D, H, W) = "
                              f"{tuple(w.shape)}, got {tuple(saliency.shape)}")
-        lam = V.check_real(op, "lam", lam)
+        lam = validation.check_real(op, "lam", lam)
         sal = saliency.to(device=w.device, dtype=torch.float64)
         if sal.dim() == 3:
-            from .backends.reference import shift
-            from .ops.propagate import _geometry
-            geom = _geometry(op, stencil, boundary)
+            geom = geometry(op, stencil, boundary)
             if geom.K != K:
                 raise ValueError(f"{op}: w must have K = {geom.K} offsets for stencil {stencil!r}, got {K}")
             sal = torch.stack([shift(sal, o, geom.periodic)[0] for o in geom.offsets])
         score = score * (1.0 + lam * sal)
     elif saliency is not None:
         raise ValueError(f"{op}: saliency is only used by criterion='emergence', got criterion={criterion!r}")
-    live = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
+    of = validation.check_choice(op, "of", of, PRUNE_OF)
+    if of == "stencil":
+        geom = geometry(op, stencil, boundary)
+        if geom.K != K:
+            raise ValueError(f"{op}: w must have K = {geom.K} offsets for stencil {stencil!r}, got {K}")
+        valid = live_synapses(None, geom, tuple(w.shape[1:]), w.device)
+        live = valid if mask is None else valid & mask
+        n = keep_count(valid.sum(0), keep)
+    else:
+        live = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
+        n = keep_count(live.sum(0), keep)
     score = torch.where(live & ~torch.isnan(score), score, -torch.inf)
     # stable descending sort: equal scores keep ascending k, so lower k wins
     order = torch.sort(score, dim=0, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(K, device=w.device).view(-1, 1, 1, 1)
                                             .expand_as(order).contiguous())
-    n = keep_count(live.sum(0), keep)
     return (rank < n.unsqueeze(0)) & live
 
 
@@ -129,7 +149,7 @@ def pack_mask(mask) -> torch.Tensor:
         33
     """
     op = "pack_mask"
-    V.check_tensor(op, "mask", mask)
+    validation.check_tensor(op, "mask", mask)
     if mask.dtype != torch.bool or mask.dim() != 4:
         raise TypeError(f"{op}: mask must be a bool tensor (K, D, H, W), got {mask.dtype} {tuple(mask.shape)}")
     K = mask.shape[0]
@@ -144,10 +164,10 @@ def pack_mask(mask) -> torch.Tensor:
 def unpack_mask(packed, K: int) -> torch.Tensor:
     """The bool mask ``[K, D, H, W]`` of a packed int32 ``[D, H, W]``."""
     op = "unpack_mask"
-    V.check_tensor(op, "packed", packed)
+    validation.check_tensor(op, "packed", packed)
     if packed.dtype != torch.int32 or packed.dim() != 3:
         raise TypeError(f"{op}: packed must be an int32 tensor (D, H, W), got {packed.dtype} {tuple(packed.shape)}")
-    K = V.check_positive_int(op, "K", K)
+    K = validation.check_positive_int(op, "K", K)
     if K > 32:
         raise ValueError(f"{op}: the packed mask holds 1 to 32 offsets, got K = {K}")
     ks = torch.arange(K, dtype=torch.int32, device=packed.device).view(-1, 1, 1, 1)
@@ -158,7 +178,7 @@ def dense_mask(op, mask, K, dims, device):
     """``mask`` (None, bool ``[K, D, H, W]`` or packed int32 ``[D, H, W]``) as a bool mask or None."""
     if mask is None:
         return None
-    V.check_tensor(op, "mask", mask)
+    validation.check_tensor(op, "mask", mask)
     if mask.device != device:
         raise ValueError(f"{op}: mask must be on the device of w ({device}), got {mask.device}")
     if mask.dtype == torch.int32:
@@ -198,7 +218,7 @@ def to_ell(w, mask=None):
         ((8, 4, 4, 4), torch.uint8)
     """
     op = "to_ell"
-    V.check_tensor(op, "w", w)
+    validation.check_tensor(op, "w", w)
     if w.dim() != 4 or w.numel() == 0:
         raise ValueError(f"{op}: w must have shape (K, D, H, W) with no empty dim, got {tuple(w.shape)}")
     K = w.shape[0]
@@ -218,11 +238,11 @@ def to_ell(w, mask=None):
 def check_ell(op: str, w_ell, idx, K: int, *, full: bool = True) -> None:
     """``w_ell``/``idx`` form a valid ELL pair for a stencil of ``K`` offsets;
     ``full`` also checks the values of ``idx`` (< K or 255, no offset twice in a cell)."""
-    V.check_tensor(op, "w_ell", w_ell)
-    V.check_tensor(op, "idx", idx)
+    validation.check_tensor(op, "w_ell", w_ell)
+    validation.check_tensor(op, "idx", idx)
     if idx.dtype != torch.uint8:
         raise TypeError(f"{op}: idx must be a uint8 tensor (offset index, 255 = empty), got {idx.dtype}")
-    if w_ell.dtype not in V.FLOAT_DTYPES:
+    if w_ell.dtype not in validation.FLOAT_DTYPES:
         raise TypeError(f"{op}: w_ell must be float16, bfloat16, float32 or float64, got {w_ell.dtype}")
     if w_ell.dim() != 4 or w_ell.numel() == 0:
         raise ValueError(f"{op}: w_ell must have shape (Kmax, D, H, W) with no empty dim, got {tuple(w_ell.shape)}")
@@ -261,7 +281,7 @@ def from_ell(w_ell, idx, K: int):
         True
     """
     op = "from_ell"
-    K = V.check_positive_int(op, "K", K)
+    K = validation.check_positive_int(op, "K", K)
     check_ell(op, w_ell, idx, K)
     return expand_ell(w_ell, idx, K)
 
@@ -305,9 +325,9 @@ class SparseWeights:
     """
 
     def __init__(self, w_ell, idx, K: int):
-        K = V.check_positive_int("SparseWeights", "K", K)
+        K = validation.check_positive_int("SparseWeights", "K", K)
         check_ell("SparseWeights", w_ell, idx, K)
-        self.w_ell, self.idx, self.K = w_ell, V.contiguous(idx), K
+        self.w_ell, self.idx, self.K = w_ell, validation.contiguous(idx), K
 
     @classmethod
     def from_dense(cls, w, mask=None) -> "SparseWeights":

@@ -10,6 +10,7 @@ could go stale).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ __all__ = [
     "parse_boundary",
     "NAMED_STENCILS",
     "BOUNDARIES",
+    "geometry",
+    "geometry_from_args",
+    "in_lattice",
+    "shift",
+    "live_synapses",
 ]
 
 BOUNDARIES = ("periodic", "zero")
@@ -214,3 +220,71 @@ class Geometry:
 
     def __repr__(self) -> str:
         return f"Geometry({self.stencil!r}, boundary={self.boundary})"
+
+
+_GEOMETRIES: dict = {}
+
+
+def geometry(op: str, stencil_spec, boundary) -> Geometry:
+    """The :class:`Geometry` of a stencil and a boundary, built and checked
+    once per distinct (hashable) pair and cached, so that the per-call cost of
+    the ops on small lattices stays low. Errors name ``op``."""
+    key = None
+    if isinstance(stencil_spec, (str, Stencil)) and isinstance(boundary, (str, tuple)):
+        key = (stencil_spec, boundary)
+        geom = _GEOMETRIES.get(key)
+        if geom is not None:
+            return geom
+    try:
+        st = stencil(stencil_spec)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{op}: {exc}") from None
+    geom = Geometry(st, parse_boundary(boundary, arg=f"{op}: boundary"))
+    if key is not None and len(_GEOMETRIES) < 256:
+        _GEOMETRIES[key] = geom
+    return geom
+
+
+@functools.lru_cache(maxsize=256)
+def geometry_from_args(offsets: tuple, periodic: tuple) -> Geometry:
+    """The :class:`Geometry` of the custom ops' arguments (``Geometry.op_args``:
+    the flat offset list and the per-axis wrap flags)."""
+    offs = tuple(tuple(offsets[i:i + 3]) for i in range(0, len(offsets), 3))
+    return Geometry(Stencil("custom", offs), tuple("periodic" if p else "zero" for p in periodic))
+
+
+def in_lattice(dims, offset, periodic, device) -> torch.Tensor:
+    """Bool ``[D, H, W]``: False where ``i + offset`` lies outside a zero boundary."""
+    valid = torch.ones(tuple(dims), dtype=torch.bool, device=device)
+    for a in range(3):
+        if not periodic[a]:
+            idx = torch.arange(dims[a], device=device) + offset[a]
+            shape = [1, 1, 1]
+            shape[a] = dims[a]
+            valid = valid & ((idx >= 0) & (idx < dims[a])).view(shape)
+    return valid
+
+
+def shift(t: torch.Tensor, offset, periodic) -> tuple:
+    """Read ``t`` at ``(z+dz, y+dy, x+dx)`` over its last three dims.
+
+    Returns ``(shifted, valid)``: ``shifted[..., z, y, x] = t[..., z+dz, y+dy, x+dx]``
+    (indices wrapped along periodic axes) and ``valid`` a bool ``[D, H, W]``
+    that is False where the read position lies outside a ``zero`` boundary
+    (there ``shifted`` is 0).
+    """
+    dims = t.shape[-3:]
+    out = t
+    for a in range(3):
+        idx = torch.arange(dims[a], device=t.device) + offset[a]
+        idx = torch.remainder(idx, dims[a]) if periodic[a] else idx.clamp(0, dims[a] - 1)
+        out = out.index_select(t.dim() - 3 + a, idx)
+    valid = in_lattice(dims, offset, periodic, t.device)
+    return out * valid.to(out.dtype), valid
+
+
+def live_synapses(mask, geom: Geometry, dims, device) -> torch.Tensor:
+    """Bool ``[K, D, H, W]``: the synapses that may change (not pruned, and
+    their neighbour inside the lattice)."""
+    live = torch.stack([in_lattice(dims, o, geom.periodic, device) for o in geom.offsets])
+    return live if mask is None else live & mask

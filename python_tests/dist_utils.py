@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cellkern.parallel import shutdown
+from cellkern.train.layouts import shutdown
 
 WORLD = 2
 
@@ -33,7 +33,7 @@ def _worker(rank, port, fn, errfile, args):
             f.write(traceback.format_exc())
         raise
     finally:
-        shutdown()   # destroy the group and collect it now (see cellkern.parallel.shutdown)
+        shutdown()   # destroy the group and collect it now (see cellkern.train.layouts.shutdown)
 
 
 def spawn(fn, *args) -> None:

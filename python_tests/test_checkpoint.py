@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from cellkern.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from cellkern.config import save_config
-from cellkern.trainer import Trainer
+from cellkern.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from cellkern.train.config import save_config
+from cellkern.train.trainer import Trainer
 from trainer_utils import run_stages, tiny_config
 
 
@@ -66,7 +66,7 @@ def test_killed_subprocess_resumes_to_the_same_weights(tmp_path):
     cfg.stages[0].steps = cfg.stages[1].steps = 150       # long enough to be killed mid-run
     save_config(cfg, tmp_path / "tiny.toml")
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "cellkern.cli", "run", "--config", str(tmp_path / "tiny.toml"), "--no-progress"]
+    cmd = [sys.executable, "-m", "cellkern.train.cli", "run", "--config", str(tmp_path / "tiny.toml"), "--no-progress"]
     proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / CHECKPOINT_NAME
     deadline = time.monotonic() + 120
@@ -78,7 +78,7 @@ def test_killed_subprocess_resumes_to_the_same_weights(tmp_path):
     proc.wait(timeout=30)
     state = load_checkpoint(killed)
     assert state["stage"] < 2, "killed before the end"
-    res = subprocess.run([sys.executable, "-m", "cellkern.cli", "run", "--resume", str(killed), "--no-progress"],
+    res = subprocess.run([sys.executable, "-m", "cellkern.train.cli", "run", "--resume", str(killed), "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "resumed" in res.stdout + res.stderr

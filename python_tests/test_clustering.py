@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cellkern as ck
-from cellkern.clustering import cluster_cells, coordinate_, coordination_factor, spherical_kmeans
+from cellkern.train.clustering import cluster_cells, coordinate_, coordination_factor, spherical_kmeans
 
 
 def blobs(n_per=40, k=4, F=10, spread=0.05, seed=0):

@@ -3,8 +3,8 @@ import pathlib
 
 import pytest
 
-from cellkern.config import RuleConfig, ScheduleConfig, StageConfig, config_from_dict, load_config, save_config
-from cellkern.schedule import default_stages
+from cellkern.train.config import RuleConfig, ScheduleConfig, StageConfig, config_from_dict, load_config, save_config
+from cellkern.train.config import default_stages
 
 DATA = pathlib.Path(__file__).parent / "data"
 

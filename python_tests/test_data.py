@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellkern.data import load_digits, load_idx, read_idx, stratified_split, to_face
+from cellkern.train.data import load_digits, load_idx, read_idx, stratified_split, to_face
 
 
 def write_idx(path, array, code=0x08, gz=False):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cellkern.emergence import branching_ratio, emergence_metrics, power_spectrum, saliency, weight_field
+from cellkern.train.emergence import branching_ratio, emergence_metrics, power_spectrum, saliency, weight_field
 
 DIMS = (8, 16, 32)
 

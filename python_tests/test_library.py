@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import cellkern as ck
-from cellkern.ops import library as L
+from cellkern.contract import params_args
+from cellkern.ops import library
 
 from conftest import backend_params, interpreted
 
@@ -31,9 +32,9 @@ def test_opcheck_aggregate(backend, device):
     dtype = torch.float32 if interpreted(backend, device) else torch.float64
     s, w, m = _args(backend, device, dtype)
     for mask in (m, None):
-        torch.library.opcheck(L.aggregate_op, (s, w, mask, *_geom().op_args, backend))
+        torch.library.opcheck(library.aggregate_op, (s, w, mask, *_geom().op_args, backend))
         g = torch.randn_like(s)
-        torch.library.opcheck(L.aggregate_backward_op, (g, s.detach(), w.detach(), mask, *_geom().op_args, backend,
+        torch.library.opcheck(library.aggregate_backward_op, (g, s.detach(), w.detach(), mask, *_geom().op_args, backend,
                                                         True, True))
 
 
@@ -46,12 +47,12 @@ def test_opcheck_propagate(backend, device, save_u):
     bias = torch.randn(2, *s.shape[2:], dtype=dtype, device=device).requires_grad_()
     args = (s, w, m, x, bias, *_geom().op_args, 0.3, "tanh", backend, save_u)
     if save_u:
-        torch.library.opcheck(L.propagate_op, args)
+        torch.library.opcheck(library.propagate_op, args)
     else:  # without u the op has no backward: check everything but the autograd tests
-        torch.library.opcheck(L.propagate_op, args, test_utils=("test_schema", "test_faketensor"))
-    u = L.propagate_op(*args[:-1], True)[1].detach()
+        torch.library.opcheck(library.propagate_op, args, test_utils=("test_schema", "test_faketensor"))
+    u = library.propagate_op(*args[:-1], True)[1].detach()
     g = torch.randn_like(s)
-    torch.library.opcheck(L.propagate_backward_op, (g, s.detach(), w.detach(), m, u, *_geom().op_args, 0.3, "tanh",
+    torch.library.opcheck(library.propagate_backward_op, (g, s.detach(), w.detach(), m, u, *_geom().op_args, 0.3, "tanh",
                                                     backend, True, True, True))
 
 
@@ -102,7 +103,7 @@ def test_compiled_layer_matches_eager():
 
 def test_backward_without_saved_u_is_an_error():
     s, w, _ = _args("reference", "cpu", torch.float64, mask=False)
-    out, _ = L.propagate_op(s, w, None, None, None, *_geom().op_args, 0.3, "tanh", "reference", False)
+    out, _ = library.propagate_op(s, w, None, None, None, *_geom().op_args, 0.3, "tanh", "reference", False)
     with pytest.raises(RuntimeError, match="needs the forward to run with save_u=True"):
         out.sum().backward()
 
@@ -119,12 +120,12 @@ def test_opcheck_plasticity_ops(backend, device):
     st.x_pre.uniform_()
     p = ck.PlasticityRule(w_min=0.0, w_max=2.0).params(activity_threshold=0.3)
     geo = _geom().op_args
-    torch.library.opcheck(L.plasticity_op, (w, m, *geo, *L.params_args(p), y, None, st.x_pre, st.x_post, st.theta,
+    torch.library.opcheck(library.plasticity_op, (w, m, *geo, *params_args(p), y, None, st.x_pre, st.x_post, st.theta,
                                             None, None, backend))
     target = torch.rand(dims, generator=g, dtype=dtype).to(device) + 1
-    torch.library.opcheck(L.normalize_op, (w, m, *geo, target, None, backend))
-    torch.library.opcheck(L.lateral_inhibition_op, (y, 0.5, *geo, backend))
-    torch.library.opcheck(L.local_winners_op, (y, 0.3, *geo, backend))
+    torch.library.opcheck(library.normalize_op, (w, m, *geo, target, None, backend))
+    torch.library.opcheck(library.lateral_inhibition_op, (y, 0.5, *geo, backend))
+    torch.library.opcheck(library.local_winners_op, (y, 0.3, *geo, backend))
 
 
 def test_plasticity_op_mutates_what_it_declares():
@@ -134,8 +135,8 @@ def test_plasticity_op_mutates_what_it_declares():
     y = torch.rand(2, *dims)
     before = [t.clone() for t in (w, st.x_pre, st.theta)]
     p = ck.PlasticityRule(stdp=ck.STDP(lr=1.0), bcm=ck.BCM(lr=1.0), w_min=0.0, w_max=2.0).params()
-    L.plasticity_op(w, None, *_geom().op_args, *L.params_args(p), y, None, st.x_pre, st.x_post, st.theta, None, None,
+    library.plasticity_op(w, None, *_geom().op_args, *params_args(p), y, None, st.x_pre, st.x_post, st.theta, None, None,
                     "reference")
     assert all(not torch.equal(a, b) for a, b in zip(before, (w, st.x_pre, st.theta)))
-    assert [n.name for n in L.plasticity_op._opoverload._schema.arguments if n.alias_info and n.alias_info.is_write] \
+    assert [n.name for n in library.plasticity_op._opoverload._schema.arguments if n.alias_info and n.alias_info.is_write] \
         == ["w", "x_pre", "x_post", "theta"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cellkern.monitor import DecoderMonitor, RidgeDecoder
+from cellkern.train.monitor import PrequentialDecoder, RidgeDecoder
 
 
 def separable(n, F=12, classes=4, seed=0):
@@ -77,65 +77,63 @@ def test_ridge_bad_input(call, match):
         call()
 
 
-def test_monitor_due_every():
-    m = DecoderMonitor(every=50)
-    assert [s for s in range(0, 201) if m.due(s)] == [50, 100, 150, 200]
+def test_prequential_scores_only_new_samples_then_refits():
+    X, y = separable(400)
+    d = PrequentialDecoder(buffer=1000, alpha=1e-3)
+    assert d.evaluate() == (None, 0)                       # nothing seen yet
+    d.observe(X[:100], y[:100])
+    assert d.evaluate() == (None, 0)                       # first point only fits
+    assert d.evaluate() == (None, 0)                       # no new samples since
+    d.observe(X[100:160], y[100:160])
+    acc, n = d.evaluate()
+    assert n == 60 and acc > 0.95
 
 
-def test_monitor_buffer_keeps_only_the_last_samples():
-    m = DecoderMonitor(buffer=10)
+def test_prequential_buffer_keeps_only_the_last_samples():
+    d = PrequentialDecoder(buffer=10)
     X = torch.arange(37, dtype=torch.float32).view(-1, 1).repeat(1, 3)
-    y = torch.arange(37)
-    for b in (0, 4, 11, 12, 30):  # batches of uneven size that wrap the ring
-        e = {0: 4, 4: 11, 11: 12, 12: 30, 30: 37}[b]
-        m.observe(X[b:e], y[b:e])
-    bx, by = m.contents()
-    assert torch.equal(by, torch.arange(27, 37)) and torch.equal(bx[:, 0], torch.arange(27, 37).float())
-    assert m.size == 10 and m.seen == 37
+    y = torch.arange(37) % 2
+    for b, e in ((0, 4), (4, 11), (11, 12), (12, 30), (30, 37)):
+        d.observe(X[b:b + (e - b)], y[b:e])
+    held = torch.cat(d.x)
+    # whole batches drop out while the rest still holds >= buffer samples
+    assert held.shape[0] == 25 and torch.equal(held[:, 0], torch.arange(12, 37).float())
 
 
-def test_monitor_refit_uses_only_the_buffer():
+def test_prequential_refit_uses_only_the_buffer():
     # early samples follow one rule, later ones the opposite; a buffer holding
     # only late samples must decode the late rule and fail the early one
     g = torch.Generator().manual_seed(0)
     X = torch.randn(1200, 6, generator=g)
     early, late = (X[:, 0] > 0).long(), (X[:, 0] <= 0).long()
-    m = DecoderMonitor(every=10, buffer=200, alpha=1e-3)
+    d = PrequentialDecoder(buffer=200, alpha=1e-3)
     for b in range(0, 1000, 50):
-        y = early if b < 600 else late
-        m.observe(X[b:b + 50], y[b:b + 50])
+        d.observe(X[b:b + 50], (early if b < 600 else late)[b:b + 50])
+    d.evaluate()
     test = slice(1000, 1200)
-    assert m.evaluate(X[test], late[test], step=10) > 0.95
-    assert m.decoder.score(X[test], early[test]) < 0.05
-    assert m.history == [(10, m.history[0][1])]
-    # the same stream with a buffer reaching back into the early samples decodes worse
-    big = DecoderMonitor(buffer=1000, alpha=1e-3)
+    assert d.decoder.score(X[test], late[test]) > 0.95
+    assert d.decoder.score(X[test], early[test]) < 0.05
+    big = PrequentialDecoder(buffer=1000, alpha=1e-3)
     for b in range(0, 1000, 50):
         big.observe(X[b:b + 50], (early if b < 600 else late)[b:b + 50])
-    assert big.evaluate(X[test], late[test]) < 0.9
+    big.evaluate()
+    assert big.decoder.score(X[test], late[test]) < 0.9
 
 
-def test_monitor_vectors_and_timing():
+def test_prequential_vectors():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(300, 5, generator=g)
     Y = X @ torch.randn(5, 2, generator=g)
-    m = DecoderMonitor(buffer=128, alpha=1e-4)
-    for b in range(0, 300, 30):
-        m.observe(X[b:b + 30], Y[b:b + 30])
-    assert m.evaluate(X, Y) > 0.999
-    assert m.seconds > 0
+    d = PrequentialDecoder(buffer=128, alpha=1e-4)
+    d.observe(X[:150], Y[:150])
+    d.evaluate()
+    d.observe(X[150:], Y[150:])
+    r2, n = d.evaluate()
+    assert n == 150 and r2 > 0.999
 
 
-def test_monitor_bad_input():
-    with pytest.raises(ValueError, match="every must be a positive int, got 0"):
-        DecoderMonitor(every=0)
-    with pytest.raises(ValueError, match="buffer must be a positive int"):
-        DecoderMonitor(buffer=-1)
-    m = DecoderMonitor()
-    with pytest.raises(ValueError, match="the buffer is empty"):
-        m.evaluate(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
-    m.observe(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="X must have 2 features"):
-        m.observe(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"targets must be shaped \(B,\) like the first batch"):
-        m.observe(torch.randn(3, 2), torch.zeros(3, 2))
+def test_prequential_bad_input():
+    with pytest.raises(ValueError, match="buffer must be a positive int, got 0"):
+        PrequentialDecoder(buffer=0)
+    with pytest.raises(ValueError, match="alpha must be"):
+        PrequentialDecoder(alpha=-1.0)

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from cellkern import parallel as ckp
-from cellkern.checkpoint import load_checkpoint
-from cellkern.config import save_config
-from cellkern.trainer import Trainer
+from cellkern.train.checkpoint import load_checkpoint
+from cellkern.train.config import save_config
+from cellkern.train.trainer import Trainer
 from dist_utils import WORLD, free_port, spawn
 from trainer_utils import tiny_config
 
@@ -32,7 +32,7 @@ def _env() -> dict:
 
 def _torchrun(*args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "cellkern.cli", "run", "--no-progress", *args]
+           f"--master-port={free_port()}", "-m", "cellkern.train.cli", "run", "--no-progress", *args]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     return res
@@ -62,7 +62,7 @@ def assert_same_state(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("mode", ckp.MODES)
 def test_torchrun_two_processes_equal_one(mode, single, tmp_path):
-    """``torchrun --nproc-per-node 2 -m cellkern.cli run --parallel MODE``: the
+    """``torchrun --nproc-per-node 2 -m cellkern.train.cli run --parallel MODE``: the
     same weights, state, clusters, decoders and held-out scores as one process."""
     cfg_path = tmp_path / "cfg.toml"
     save_config(_config(), cfg_path)
@@ -112,6 +112,6 @@ def test_parallel_errors():
             Trainer(_config(), parallel="domain")
     env = _env()
     env.pop("WORLD_SIZE", None)
-    res = subprocess.run([sys.executable, "-m", "cellkern.cli", "run", "--parallel", "data", "--out",
+    res = subprocess.run([sys.executable, "-m", "cellkern.train.cli", "run", "--parallel", "data", "--out",
                           os.devnull], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "runs under torchrun" in res.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cellkern as ck
-from cellkern.backends.reference import live_synapses
+from cellkern.stencil import live_synapses
 
 from conftest import (LOW_PRECISION, all_backends, assert_matches_reference, backend_params, copy_state as _copy,
                       interpreted, skip_unsupported_dtype)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cellkern as ck
-from cellkern.backends.reference import live_synapses
+from cellkern.stencil import live_synapses
 
 from conftest import all_backends, copy_state as _copy, interpreted
 

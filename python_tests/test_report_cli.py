@@ -4,9 +4,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cellkern.cli import main
-from cellkern.config import save_config
-from cellkern.trainer import Trainer
+from cellkern.train.cli import main
+from cellkern.train.config import save_config
+from cellkern.train.trainer import Trainer
 from trainer_utils import tiny_config
 
 STAGE_KEYS = {"name", "dims", "steps", "seconds", "synapse_updates_per_s", "peak_memory_bytes",
@@ -60,7 +60,7 @@ def test_eval_samples_limits_the_quality_evaluation(tiny_run, tmp_path):
     t = Trainer(tiny_config(eval_samples=30), progress=False, log=lambda m: None)
     while t.stage < 2:
         t.run_stage()
-    from cellkern.report import evaluate_quality
+    from cellkern.train.report import evaluate_quality
 
     q = evaluate_quality(t)
     assert q["train_samples"] == 30 and q["test_samples"] == 30

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import cellkern as ck
-from cellkern.config import RuleConfig
-from cellkern.schedule import PROFILE_TABLE, make_rule, profile, resample_field, resample_mask, transfer
+from cellkern.train.config import RuleConfig
+from cellkern.train.config import PROFILE_TABLE, make_rule, profile
+from cellkern.train.transfer import resample_field, resample_mask, transfer
 
 BOUNDARY = ("zero", "periodic", "periodic")
 
 
 def test_profiles_show_their_numbers():
-    p = ck.schedule.profile("learning")
+    p = profile("learning")
     assert (p.lr_multiplier, p.activity_threshold, p.competition, p.tau_theta) == (0.5, 0.02, 0.5, 1000.0)
     assert [profile(n).lr_multiplier for n in ("discovery", "learning", "consolidation", "freeze")] == \
         [1.0, 0.5, 0.2, 0.0]

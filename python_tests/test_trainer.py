@@ -4,7 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from cellkern.trainer import Trainer
+import cellkern as ck
+
+from cellkern.train.trainer import Trainer
 from trainer_utils import run_stages, tiny_config
 
 
@@ -107,8 +109,8 @@ def test_freeze_runs_no_plasticity(monkeypatch):
 
 def test_stage_starts_from_the_transferred_weights(monkeypatch):
     """With transfer on, stage 2 starts from stage 1's weights resampled; off, from fresh ones."""
-    from cellkern import trainer as trainer_mod
-    from cellkern.schedule import transfer
+    from cellkern.train import trainer as trainer_mod
+    from cellkern.train.transfer import transfer
 
     starts = {}
     orig = trainer_mod.Trainer.start_stage
@@ -131,28 +133,32 @@ def test_stage_starts_from_the_transferred_weights(monkeypatch):
 
 
 def test_pruning_keeps_the_largest_weights_per_cell():
-    from cellkern.trainer import prune_magnitude, rescale_survivors
+    from cellkern.train.monitor import BOUNDARY
+    from cellkern.train.trainer import rescale_survivors
+
+    def prune_magnitude(w, mask, keep):
+        return ck.sparse.prune(w, mask, keep, of="stencil", stencil="moore", boundary=BOUNDARY)
 
     w = torch.rand(26, 4, 5, 5) + 0.1
     w[3] = w[4] = 5.0                      # a tie: both large, both kept
-    mask = prune_magnitude(w, None, 0.1, stencil="moore")
-    z = 2                                  # an inner layer: 26 live synapses, keeps ⌈2.6⌉ = 3
+    mask = prune_magnitude(w, None, 0.1)
+    z = 2                                  # an inner layer: 26 live synapses, keeps round(2.6) = 3
     assert (mask[:, z].sum(0) == 3).all() and mask[3, z].all() and mask[4, z].all()
     keep = mask[:, z].flatten(1)
     top = w[:, z].flatten(1).topk(3, dim=0).indices
     assert torch.equal(keep.gather(0, top), torch.ones_like(top, dtype=torch.bool))
     assert not mask[:9, 0].any()           # dz = -1 does not exist at z = 0
-    assert (mask[:, 0].sum(0) == 2).all()  # ⌈0.1 · 17⌉ synapses inside the lattice
-    again = prune_magnitude(w, mask, 0.1, stencil="moore")
+    assert (mask[:, 0].sum(0) == 2).all()  # round(0.1 · 17) synapses inside the lattice
+    again = prune_magnitude(w, mask, 0.1)
     assert torch.equal(again, mask), "the same keep prunes nothing more"
-    live = prune_magnitude(w, None, 1.0, stencil="moore")
+    live = prune_magnitude(w, None, 1.0)
     w2 = rescale_survivors(w.clamp(max=1.0), live, mask, 0.0, 100.0)
     l1 = lambda t, m: torch.where(m, t.abs(), 0).sum(0)  # noqa: E731
     assert torch.allclose(l1(w2, mask), l1(w.clamp(max=1.0), live))
 
 
 def test_budget_reduces_dims_or_stops():
-    from cellkern.planning import stage_estimate
+    from cellkern.train.planning import stage_estimate
 
     cfg = tiny_config()
     need = stage_estimate(cfg, cfg.stages[1], (8, 10, 10))
@@ -162,7 +168,7 @@ def test_budget_reduces_dims_or_stops():
         run_stages(small)
     big = tiny_config({"dims": (20, 20, 20), "steps": 6})
     budget = stage_estimate(big, big.stages[0], (16, 16, 16)) + 1
-    from cellkern.trainer import Trainer
+    from cellkern.train.trainer import Trainer
 
     t = Trainer(dataclasses.replace(big, budget=budget), progress=False, log=logs.append)
     t.run_stage()

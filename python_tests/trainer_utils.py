@@ -1,8 +1,8 @@
 """Tiny schedules shared by the trainer, report and CLI tests."""
 import dataclasses
 
-from cellkern.config import ScheduleConfig, StageConfig
-from cellkern.trainer import Trainer
+from cellkern.train.config import ScheduleConfig, StageConfig
+from cellkern.train.trainer import Trainer
 
 
 def tiny_config(stage_changes=None, **changes) -> ScheduleConfig:

@@ -141,6 +141,22 @@ def _load(name: str):
     return mod
 
 
+def name_of(module) -> str:
+    """The name under which :func:`select` loaded a backend module."""
+    for name, mod in _modules.items():
+        if mod is module:
+            return name
+    raise ValueError(f"cellkern: {module!r} is not a loaded backend")
+
+
+def load_all() -> None:
+    """Import every backend that can load here, once. Called when ``cellkern``
+    is imported, so that no backend is imported inside a traced region
+    (``torch.compile(fullgraph=True)`` of a model whose first cellkern call is compiled)."""
+    for name in NAMES:
+        _load(name)
+
+
 def available_backends() -> list:
     """The backends that loaded on this install, e.g. ``["reference", "cpu"]``."""
     return [n for n in NAMES if _load(n) is not None]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (registers the torch.ops.cellkern_cpu kernels)
+from ..contract import ACTIVATION_CODES, params_args
 from ..stencil import Geometry
 
 _ops = torch.ops.cellkern_cpu
-_ACT = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
 #: w may be below the precision of s: the ELL kernels take any lower float
 #: dtype, the dense ones fp16/bf16 under fp32 (other pairs are cast by _dense_w)
 MIXED_WEIGHTS = True
@@ -45,14 +45,14 @@ def aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool
 
 def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
     out, u = _ops.propagate_forward(s, _dense_w(w, s), mask, x, bias, _tab(geom), list(geom.periodic),
-                                    float(leak), _ACT[activation], bool(save_u))
+                                    float(leak), ACTIVATION_CODES[activation], bool(save_u))
     return out, (u if save_u else None)
 
 
 def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
                        need_s: bool, need_w: bool, need_u: bool):
     ds, dw, du = _ops.propagate_backward(g, s, _dense_w(w, s), mask, u, _tab(geom), list(geom.periodic),
-                                         float(leak), _ACT[activation], bool(need_s), bool(need_w))
+                                         float(leak), ACTIVATION_CODES[activation], bool(need_s), bool(need_w))
     return (ds if need_s else None), (dw if need_w else None), (du if need_u else None)
 
 
@@ -62,7 +62,7 @@ def aggregate_forward_ell(s, w_ell, idx, geom: Geometry):
 
 def propagate_forward_ell(s, w_ell, idx, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
     out, u = _ops.propagate_forward_ell(s, w_ell, idx, x, bias, _tab(geom), list(geom.periodic),
-                                        float(leak), _ACT[activation], bool(save_u))
+                                        float(leak), ACTIVATION_CODES[activation], bool(save_u))
     return out, (u if save_u else None)
 
 
@@ -75,11 +75,9 @@ def local_winners(y, threshold: float, geom: Geometry):
 
 
 def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gate, lr):
-    flags = [p.stdp, p.multiplicative, p.bcm, p.competition, p.normalize]
-    scalars = [p.a_plus, p.a_minus, p.decay_pre, p.decay_post, p.bcm_lr, p.bcm_decay, p.tau_theta,
-               p.theta_min, p.theta_max, p.beta, p.threshold, p.w_min, p.w_max]
+    flags, scalars = params_args(p)
     _ops.plasticity_(w, mask, _tab(geom), list(geom.periodic), y, spikes, x_pre, x_post, theta, gate, lr,
-                     [bool(f) for f in flags], [float(v) for v in scalars])
+                     list(flags), list(scalars))
 
 
 def ell_expand(w_ell, idx, K: int):

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     raise RuntimeError("built, but torch sees no CUDA device (torch.cuda.is_available() is False)")
 
 from .. import _C_cuda  # noqa: E402,F401  (registers the torch.ops.cellkern_cuda kernels)
+from ..contract import ACTIVATION_CODES, params_args  # noqa: E402
 from ..stencil import Geometry  # noqa: E402
 
 _ops = torch.ops.cellkern_cuda
@@ -40,7 +41,6 @@ def _stream(t: torch.Tensor) -> int:
 # ---- the backend functions (python_tests/test_cuda_emulation.py runs this part
 # with _ops, _on and _stream of the host-emulated kernels) ----
 
-_ACT = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
 
 
 def set_poison(enabled: bool) -> None:
@@ -68,7 +68,7 @@ def aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool
 def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
     with _on(s):
         out, u = _ops.propagate_forward(s, w, mask, x, bias, _tab(geom, s), list(geom.periodic),
-                                        float(leak), _ACT[activation], bool(save_u), _stream(s))
+                                        float(leak), ACTIVATION_CODES[activation], bool(save_u), _stream(s))
     return out, (u if save_u else None)
 
 
@@ -76,7 +76,7 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
                        need_s: bool, need_w: bool, need_u: bool):
     with _on(s):
         ds, dw, du = _ops.propagate_backward(g, s, w, mask, u, _tab(geom, s), list(geom.periodic),
-                                             float(leak), _ACT[activation], bool(need_s), bool(need_w),
+                                             float(leak), ACTIVATION_CODES[activation], bool(need_s), bool(need_w),
                                              _stream(s))
     return (ds if need_s else None), (dw if need_w else None), (du if need_u else None)
 
@@ -92,12 +92,10 @@ def local_winners(y, threshold: float, geom: Geometry):
 
 
 def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gate, lr):
-    flags = [p.stdp, p.multiplicative, p.bcm, p.competition, p.normalize]
-    scalars = [p.a_plus, p.a_minus, p.decay_pre, p.decay_post, p.bcm_lr, p.bcm_decay, p.tau_theta,
-               p.theta_min, p.theta_max, p.beta, p.threshold, p.w_min, p.w_max]
+    flags, scalars = params_args(p)
     with _on(w):
         _ops.plasticity_(w, mask, _tab(geom, w), list(geom.periodic), y, spikes, x_pre, x_post, theta, gate, lr,
-                         [bool(f) for f in flags], [float(v) for v in scalars], _stream(w))
+                         list(flags), list(scalars), _stream(w))
 
 
 def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):

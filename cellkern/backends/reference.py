@@ -14,46 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from ..stencil import Geometry
+from ..contract import ACTIVATIONS, accumulation_dtype
+from ..stencil import Geometry, in_lattice, live_synapses, shift
 
-ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")
 #: the kernels take w in a lower precision than s (see ops.forms.weights_for)
 MIXED_WEIGHTS = True
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; everything else accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def in_lattice(dims, offset, periodic, device) -> torch.Tensor:
-    """Bool ``[D, H, W]``: False where ``i + offset`` lies outside a zero boundary."""
-    valid = torch.ones(tuple(dims), dtype=torch.bool, device=device)
-    for a in range(3):
-        if not periodic[a]:
-            idx = torch.arange(dims[a], device=device) + offset[a]
-            shape = [1, 1, 1]
-            shape[a] = dims[a]
-            valid = valid & ((idx >= 0) & (idx < dims[a])).view(shape)
-    return valid
-
-
-def shift(t: torch.Tensor, offset, periodic) -> tuple:
-    """Read ``t`` at ``(z+dz, y+dy, x+dx)`` over its last three dims.
-
-    Returns ``(shifted, valid)``: ``shifted[..., z, y, x] = t[..., z+dz, y+dy, x+dx]``
-    (indices wrapped along periodic axes) and ``valid`` a bool ``[D, H, W]``
-    that is False where the read position lies outside a ``zero`` boundary
-    (there ``shifted`` is 0).
-    """
-    dims = t.shape[-3:]
-    out = t
-    for a in range(3):
-        idx = torch.arange(dims[a], device=t.device) + offset[a]
-        idx = torch.remainder(idx, dims[a]) if periodic[a] else idx.clamp(0, dims[a] - 1)
-        out = out.index_select(t.dim() - 3 + a, idx)
-    valid = in_lattice(dims, offset, periodic, t.device)
-    return out * valid.to(out.dtype), valid
 
 
 def _effective_weight(w: torch.Tensor, mask, k: int, valid: torch.Tensor, acc) -> torch.Tensor:
@@ -247,13 +212,6 @@ def propagate_forward_ell(s, w_ell, idx, x, bias, geom: Geometry, leak: float, a
 def _plasticity_dtype(w, state):
     """fp64 when weights or state are fp64, else fp32."""
     return torch.float64 if torch.float64 in (w.dtype, state) else torch.float32
-
-
-def live_synapses(mask, geom: Geometry, dims, device) -> torch.Tensor:
-    """Bool ``[K, D, H, W]``: the synapses that may change (not pruned, and
-    their neighbour inside the lattice)."""
-    live = torch.stack([in_lattice(dims, o, geom.periodic, device) for o in geom.offsets])
-    return live if mask is None else live & mask
 
 
 def _neighbour_mean(y, geom: Geometry):

@@ -1,12 +1,12 @@
 """Activity and competition (SPEC §3, §4): per-cell ops, no autograd."""
 from __future__ import annotations
 
-import torch
 
 from .. import backends
-from . import library as L
-from . import validation as V
-from .propagate import _geometry
+from . import library
+from .. import validation
+from ..contract import accumulation_dtype
+from ..stencil import geometry
 
 __all__ = ["activity", "lateral_inhibition", "local_winners"]
 
@@ -33,29 +33,29 @@ def activity(s_prev, s, mode="change"):
         0.5
     """
     op = "activity"
-    mode = V.check_choice(op, "mode", mode, ACTIVITY_MODES)
-    V.check_state(op, s)
+    mode = validation.check_choice(op, "mode", mode, ACTIVITY_MODES)
+    validation.check_state(op, s)
     if mode == "state":
         return s[:, 0]
-    V.check_state(op, s_prev, "s_prev")
+    validation.check_state(op, s_prev, "s_prev")
     if s_prev.shape != s.shape:
         raise ValueError(f"{op}: s_prev must have the shape of s {tuple(s.shape)}, got {tuple(s_prev.shape)}")
-    V.check_same(op, "s_prev", s_prev, s)
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    validation.check_same(op, "s_prev", s_prev, s)
+    acc = accumulation_dtype(s.dtype)
     return (s.to(acc) - s_prev.to(acc)).abs().mean(1).to(s.dtype)
 
 
 def _cells(op, y, stencil, boundary, backend):
-    geom = _geometry(op, stencil, boundary)
-    V.check_tensor(op, "y", y)
+    geom = geometry(op, stencil, boundary)
+    validation.check_tensor(op, "y", y)
     if y.dim() != 4:
         raise ValueError(f"{op}: y must have shape (B, D, H, W) (4 dims), got {tuple(y.shape)}")
-    if y.dtype not in V.FLOAT_DTYPES:
+    if y.dtype not in validation.FLOAT_DTYPES:
         raise TypeError(f"{op}: y must be float16, bfloat16, float32 or float64, got {y.dtype}")
     if y.numel() == 0:
         raise ValueError(f"{op}: y must have no empty dim, got shape {tuple(y.shape)}")
     _, be = backends.select(backend, y.device, op)
-    return geom, be, V.contiguous(y)
+    return geom, be, validation.contiguous(y)
 
 
 def lateral_inhibition(y, *, beta, stencil="moore", boundary="periodic", backend=None):
@@ -79,9 +79,9 @@ def lateral_inhibition(y, *, beta, stencil="moore", boundary="periodic", backend
         1.0
     """
     op = "lateral_inhibition"
-    beta = V.check_real(op, "beta", beta, nonneg=True)
+    beta = validation.check_real(op, "beta", beta, nonneg=True)
     geom, be, y = _cells(op, y, stencil, boundary, backend)
-    return L.lateral_inhibition_op(y, beta, *geom.op_args, L.backend_name(be))
+    return library.lateral_inhibition_op(y, beta, *geom.op_args, backends.name_of(be))
 
 
 def local_winners(y, threshold, *, stencil="moore", boundary="periodic", backend=None):
@@ -105,6 +105,6 @@ def local_winners(y, threshold, *, stencil="moore", boundary="periodic", backend
         1
     """
     op = "local_winners"
-    threshold = V.check_real(op, "threshold", threshold)
+    threshold = validation.check_real(op, "threshold", threshold)
     geom, be, y = _cells(op, y, stencil, boundary, backend)
-    return L.local_winners_op(y, threshold, *geom.op_args, L.backend_name(be))
+    return library.local_winners_op(y, threshold, *geom.op_args, backends.name_of(be))

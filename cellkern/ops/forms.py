@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import sparse as S
-from . import validation as V
+from .. import sparse
+from .. import validation
 
 
 def resolve(op: str, w, mask, K: int, dims) -> tuple:
     """``(w, mask, idx)``: ``idx`` None for the dense form (then ``mask`` is a
     bool mask or None), else ``w`` is ``w_ell`` and ``mask`` None."""
-    if isinstance(w, S.SparseWeights):
+    if isinstance(w, sparse.SparseWeights):
         if mask is not None:
             raise ValueError(f"{op}: mask must be None when w is a SparseWeights (its idx is the mask), "
                              f"got a {type(mask).__name__}")
@@ -37,10 +37,10 @@ def resolve(op: str, w, mask, K: int, dims) -> tuple:
             and (mask.dtype == torch.uint8 or (mask.dtype != torch.bool and mask.shape[0] != K))):
         # a uint8 [Kmax, D, H, W] mask is the idx of an ELL pair; another integer
         # one with Kmax != K is one too, of the wrong dtype (check_ell says so)
-        S.check_ell(op, w, mask, K)
-        return w, None, V.contiguous(mask)
+        sparse.check_ell(op, w, mask, K)
+        return w, None, validation.contiguous(mask)
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.int32 and dims is not None:
-        mask = S.dense_mask(op, mask, K, dims, mask.device)
+        mask = sparse.dense_mask(op, mask, K, dims, mask.device)
     return w, mask, None
 
 
@@ -58,7 +58,7 @@ def dense_of(w_ell, idx, K, be=None):
     else :func:`cellkern.sparse.expand_ell`."""
     if hasattr(be, "ell_expand") and w_ell.is_contiguous():
         return be.ell_expand(w_ell, idx, K)
-    return S.expand_ell(w_ell, idx, K)
+    return sparse.expand_ell(w_ell, idx, K)
 
 
 def gather_of(dense, idx, K, be=None):
@@ -67,7 +67,7 @@ def gather_of(dense, idx, K, be=None):
         out = torch.empty(idx.shape, dtype=dense.dtype, device=dense.device)
         be.ell_gather_(out, idx, dense)
         return out
-    return S.gather_ell(dense, idx, K)
+    return sparse.gather_ell(dense, idx, K)
 
 
 class AggregateEll(torch.autograd.Function):
@@ -85,7 +85,7 @@ class AggregateEll(torch.autograd.Function):
     def backward(ctx, g):
         s, w_ell, idx = ctx.saved_tensors
         w, m = dense_of(w_ell, idx, ctx.geom.K, ctx.be)
-        ds, dw = ctx.be.aggregate_backward(V.contiguous(g), s, weights_for(ctx.be, w, s.dtype), m, ctx.geom,
+        ds, dw = ctx.be.aggregate_backward(validation.contiguous(g), s, weights_for(ctx.be, w, s.dtype), m, ctx.geom,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dw_ell = gather_of(dw, idx, ctx.geom.K, ctx.be).to(w_ell.dtype) if dw is not None else None
         return ds, dw_ell, None, None, None
@@ -115,7 +115,7 @@ class PropagateEll(torch.autograd.Function):
         need = ctx.needs_input_grad
         w, m = dense_of(weights_for(ctx.be, w_ell, s.dtype), idx, ctx.geom.K, ctx.be)
         ds, dw, du = ctx.be.propagate_backward(
-            V.contiguous(g), s, w, m, u, ctx.geom, ctx.leak, ctx.activation,
+            validation.contiguous(g), s, w, m, u, ctx.geom, ctx.leak, ctx.activation,
             need[0], need[1], need[3] or need[4],
         )
         dw_ell = gather_of(dw, idx, ctx.geom.K, ctx.be).to(w_ell.dtype) if need[1] else None

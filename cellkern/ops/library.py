@@ -25,25 +25,18 @@ y, spikes, x_pre!, x_post!, theta!, gate, lr, backend)``,
 ``cellkern::heterosynaptic_normalize_(w!, mask, offsets, periodic, target, where, backend)``,
 ``cellkern::lateral_inhibition(y, beta, …) -> y'`` and ``cellkern::local_winners(y, threshold, …) -> win``.
 """
-import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ..backends.reference import accumulation_dtype
-from ..stencil import Geometry, Stencil
-from . import forms as F
+from ..contract import accumulation_dtype, params_from_args
+from ..stencil import geometry_from_args
+from . import forms
 
 __all__ = ["aggregate_op", "propagate_op", "plasticity_op", "normalize_op", "lateral_inhibition_op",
            "local_winners_op"]
-
-
-@functools.lru_cache(maxsize=256)
-def _geometry(offsets: tuple, periodic: tuple) -> Geometry:
-    offs = tuple(tuple(offsets[i:i + 3]) for i in range(0, len(offsets), 3))
-    return Geometry(Stencil("custom", offs), tuple("periodic" if p else "zero" for p in periodic))
 
 
 def _backend(name: str, device: torch.device, op: str):
@@ -59,7 +52,7 @@ def _empty(t: Tensor) -> Tensor:
 def aggregate_op(s: Tensor, w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], periodic: Sequence[bool],
                  backend: str) -> Tensor:
     be = _backend(backend, s.device, "aggregate")
-    return be.aggregate_forward(s, F.weights_for(be, w, s.dtype), mask, _geometry(tuple(offsets), tuple(periodic)))
+    return be.aggregate_forward(s, forms.weights_for(be, w, s.dtype), mask, geometry_from_args(tuple(offsets), tuple(periodic)))
 
 
 @aggregate_op.register_fake
@@ -71,8 +64,8 @@ def _(s, w, mask, offsets, periodic, backend):
 def aggregate_backward_op(g: Tensor, s: Tensor, w: Tensor, mask: Optional[Tensor], offsets: Sequence[int],
                           periodic: Sequence[bool], backend: str, need_s: bool, need_w: bool) -> tuple[Tensor, Tensor]:
     be = _backend(backend, s.device, "aggregate")
-    ds, dw = be.aggregate_backward(g.contiguous(), s, F.weights_for(be, w, s.dtype), mask,
-                                   _geometry(tuple(offsets), tuple(periodic)), need_s, need_w)
+    ds, dw = be.aggregate_backward(g.contiguous(), s, forms.weights_for(be, w, s.dtype), mask,
+                                   geometry_from_args(tuple(offsets), tuple(periodic)), need_s, need_w)
     return (ds if ds is not None else _empty(s)), (dw.to(w.dtype) if dw is not None else _empty(w))
 
 
@@ -103,8 +96,8 @@ def propagate_op(s: Tensor, w: Tensor, mask: Optional[Tensor], x: Optional[Tenso
                  offsets: Sequence[int], periodic: Sequence[bool], leak: float, activation: str, backend: str,
                  save_u: bool) -> tuple[Tensor, Tensor]:
     be = _backend(backend, s.device, "propagate")
-    out, u = be.propagate_forward(s, F.weights_for(be, w, s.dtype), mask, x, bias,
-                                  _geometry(tuple(offsets), tuple(periodic)), leak, activation, save_u)
+    out, u = be.propagate_forward(s, forms.weights_for(be, w, s.dtype), mask, x, bias,
+                                  geometry_from_args(tuple(offsets), tuple(periodic)), leak, activation, save_u)
     return out, (u if u is not None else _empty(s))
 
 
@@ -119,8 +112,8 @@ def propagate_backward_op(g: Tensor, s: Tensor, w: Tensor, mask: Optional[Tensor
                           periodic: Sequence[bool], leak: float, activation: str, backend: str, need_s: bool,
                           need_w: bool, need_u: bool) -> tuple[Tensor, Tensor, Tensor]:
     be = _backend(backend, s.device, "propagate")
-    ds, dw, du = be.propagate_backward(g.contiguous(), s, F.weights_for(be, w, s.dtype), mask, u,
-                                       _geometry(tuple(offsets), tuple(periodic)), leak, activation,
+    ds, dw, du = be.propagate_backward(g.contiguous(), s, forms.weights_for(be, w, s.dtype), mask, u,
+                                       geometry_from_args(tuple(offsets), tuple(periodic)), leak, activation,
                                        need_s, need_w, need_u)
     return ((ds if ds is not None else _empty(s)), (dw.to(w.dtype) if dw is not None else _empty(w)),
             (du if du is not None else _empty(u)))
@@ -157,31 +150,6 @@ propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_set
 
 
 # --- plasticity (in place, no autograd) --------------------------------------
-#: the order of the flags and scalars of ``cellkern::plasticity_`` (csrc/plasticity.h: unpack_params)
-PARAM_FLAGS = ("stdp", "multiplicative", "bcm", "competition", "normalize")
-PARAM_SCALARS = ("a_plus", "a_minus", "decay_pre", "decay_post", "bcm_lr", "bcm_decay", "tau_theta", "theta_min",
-                 "theta_max", "beta", "threshold", "w_min", "w_max")
-
-
-def backend_name(module) -> str:
-    """The name under which ``backends.select`` loaded a backend module."""
-    for name, mod in backends._modules.items():
-        if mod is module:
-            return name
-    raise ValueError(f"cellkern: {module!r} is not a loaded backend")
-
-
-def params_args(p) -> tuple:
-    """``(flags, scalars)`` of a :class:`~cellkern.rules.PlasticityParams` as the op takes them."""
-    return tuple(bool(getattr(p, f)) for f in PARAM_FLAGS), tuple(float(getattr(p, f)) for f in PARAM_SCALARS)
-
-
-def _params(flags, scalars):
-    from ..rules import PlasticityParams
-
-    return PlasticityParams(**dict(zip(PARAM_FLAGS, flags)), **dict(zip(PARAM_SCALARS, scalars)))
-
-
 @torch.library.custom_op("cellkern::plasticity_", mutates_args=("w", "x_pre", "x_post", "theta"))
 def plasticity_op(w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], periodic: Sequence[bool],
                   flags: Sequence[bool], scalars: Sequence[float], y: Optional[Tensor], spikes: Optional[Tensor],
@@ -189,7 +157,7 @@ def plasticity_op(w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], per
                   lr: Optional[Tensor], backend: str) -> None:
     """The fused plasticity step of SPEC §4, in place on ``w``, the traces and θ."""
     be = _backend(backend, w.device, "plasticity_step_")
-    be.plasticity_(w, mask, _geometry(tuple(offsets), tuple(periodic)), _params(flags, scalars),
+    be.plasticity_(w, mask, geometry_from_args(tuple(offsets), tuple(periodic)), params_from_args(flags, scalars),
                    y, spikes, x_pre, x_post, theta, gate, lr)
 
 
@@ -202,7 +170,7 @@ def _(w, mask, offsets, periodic, flags, scalars, y, spikes, x_pre, x_post, thet
 def normalize_op(w: Tensor, mask: Optional[Tensor], offsets: Sequence[int], periodic: Sequence[bool],
                  target: Tensor, where: Optional[Tensor], backend: str) -> None:
     be = _backend(backend, w.device, "heterosynaptic_normalize_")
-    be.heterosynaptic_normalize_(w, mask, _geometry(tuple(offsets), tuple(periodic)), target, where)
+    be.heterosynaptic_normalize_(w, mask, geometry_from_args(tuple(offsets), tuple(periodic)), target, where)
 
 
 @normalize_op.register_fake
@@ -214,7 +182,7 @@ def _(w, mask, offsets, periodic, target, where, backend):
 def lateral_inhibition_op(y: Tensor, beta: float, offsets: Sequence[int], periodic: Sequence[bool],
                           backend: str) -> Tensor:
     be = _backend(backend, y.device, "lateral_inhibition")
-    return be.lateral_inhibition(y, beta, _geometry(tuple(offsets), tuple(periodic)))
+    return be.lateral_inhibition(y, beta, geometry_from_args(tuple(offsets), tuple(periodic)))
 
 
 @lateral_inhibition_op.register_fake
@@ -226,7 +194,7 @@ def _(y, beta, offsets, periodic, backend):
 def local_winners_op(y: Tensor, threshold: float, offsets: Sequence[int], periodic: Sequence[bool],
                      backend: str) -> Tensor:
     be = _backend(backend, y.device, "local_winners")
-    return be.local_winners(y, threshold, _geometry(tuple(offsets), tuple(periodic)))
+    return be.local_winners(y, threshold, geometry_from_args(tuple(offsets), tuple(periodic)))
 
 
 @local_winners_op.register_fake

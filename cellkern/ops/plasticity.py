@@ -29,14 +29,14 @@ import numbers
 import torch
 
 from .. import backends
-from ..backends.reference import live_synapses
-from .. import sparse as S
+from .. import sparse
 from ..rules import PlasticityParams, PlasticityRule, PlasticityState, WEIGHT_DEPENDENCES
-from . import forms as F
-from . import library as L
-from . import validation as V
+from . import forms
+from . import library
+from .. import validation
+from ..contract import accumulation_dtype, params_args
+from ..stencil import geometry, live_synapses
 from .rounding import next_step, round_weights_
-from .propagate import _geometry
 
 __all__ = ["stdp_", "bcm_", "plasticity_step_", "synapse_l1", "heterosynaptic_normalize_"]
 
@@ -50,18 +50,18 @@ class _Weights:
 
 
 def _begin(op, w, mask, stencil, boundary, backend):
-    geom = _geometry(op, stencil, boundary)
+    geom = geometry(op, stencil, boundary)
     if isinstance(w, torch.Tensor) and w.dim() == 4:
         dims = tuple(w.shape[1:])
-    elif isinstance(w, S.SparseWeights):
+    elif isinstance(w, sparse.SparseWeights):
         dims = w.dims
     else:
         dims = None
-    w, mask, idx = F.resolve(op, w, mask, geom.K, dims)
+    w, mask, idx = forms.resolve(op, w, mask, geom.K, dims)
     if idx is None:
-        dims = V.check_lattice_weights(op, w, geom.K)
+        dims = validation.check_lattice_weights(op, w, geom.K)
         if mask is not None:
-            V.check_tensor(op, "mask", mask)
+            validation.check_tensor(op, "mask", mask)
             if mask.dtype != torch.bool:
                 raise TypeError(f"{op}: mask must be a bool tensor (False = pruned), got {mask.dtype}")
             if tuple(mask.shape) != tuple(w.shape):
@@ -93,7 +93,7 @@ def _same_dtype(op, names_tensors):
 
 
 def _cast(t, dtype):
-    return None if t is None else V.contiguous(t.to(dtype))
+    return None if t is None else validation.contiguous(t.to(dtype))
 
 
 class _InPlace:
@@ -102,7 +102,7 @@ class _InPlace:
 
     def __init__(self, *tensors):
         self.orig = tensors
-        self.work = tuple(V.contiguous(t) for t in tensors)
+        self.work = tuple(validation.contiguous(t) for t in tensors)
 
     def __enter__(self):
         return self.work
@@ -123,13 +123,13 @@ def _update(wf: _Weights, geom, seed_step, kernel, be=None):
     ELL form is expanded to the dense masked form and its live slots written
     back (empty slots stay 0)."""
     if wf.idx is not None:
-        dense, mask = F.dense_of(wf.w, wf.idx, geom.K, be)
+        dense, mask = forms.dense_of(wf.w, wf.idx, geom.K, be)
     else:
         dense, mask = wf.w, wf.mask
     low = dense.dtype in (torch.float16, torch.bfloat16)
     work = dense.float() if low else dense
     with _InPlace(work) as (work_,):
-        kernel(work_, V.contiguous(mask))
+        kernel(work_, validation.contiguous(mask))
     if low:
         if hasattr(be, "stochastic_round_") and dense.is_contiguous():
             be.stochastic_round_(dense, work, *seed_step)  # the same bits as round_weights_, in one pass
@@ -139,14 +139,14 @@ def _update(wf: _Weights, geom, seed_step, kernel, be=None):
         if hasattr(be, "ell_gather_") and wf.w.is_contiguous():
             be.ell_gather_(wf.w, wf.idx, dense)
         else:
-            wf.w.copy_(S.gather_ell(dense, wf.idx, geom.K))
+            wf.w.copy_(sparse.gather_ell(dense, wf.idx, geom.K))
 
 
 def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
     with _InPlace(x_pre, x_post, theta) as (xp_, xq_, th_):
         _update(wf, geom, seed_step,
-                lambda w_, m_: L.plasticity_op(w_, m_, *geom.op_args, *L.params_args(p), y, spikes, xp_, xq_, th_,
-                                               gate, lr, L.backend_name(be)), be)
+                lambda w_, m_: library.plasticity_op(w_, m_, *geom.op_args, *params_args(p), y, spikes, xp_, xq_, th_,
+                                               gate, lr, backends.name_of(be)), be)
     return wf.w
 
 
@@ -197,20 +197,20 @@ def stdp_(w, z, x_pre, x_post, *, a_plus, a_minus, tau_plus, tau_minus, dt=1.0, 
     """
     op = "stdp_"
     geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
-    B = V.check_cells(op, "x_pre", x_pre, dims, wf.w)
-    V.check_cells(op, "x_post", x_post, dims, wf.w, batch=B)
-    V.check_cells(op, "z", z, dims, wf.w, batch=B, allow_bool=True)
-    V.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
+    B = validation.check_cells(op, "x_pre", x_pre, dims, wf.w)
+    validation.check_cells(op, "x_post", x_post, dims, wf.w, batch=B)
+    validation.check_cells(op, "z", z, dims, wf.w, batch=B, allow_bool=True)
+    validation.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
     seed_step = _sr(op, seed, step)
     sd = _same_dtype(op, [("x_pre", x_pre), ("x_post", x_post)])
-    tp = V.check_real(op, "tau_plus", tau_plus, positive=True)
-    tm = V.check_real(op, "tau_minus", tau_minus, positive=True)
-    dt = V.check_real(op, "dt", dt, positive=True)
-    lr = V.check_real(op, "lr", lr)
-    w_min, w_max = V.check_bounds(op, "w_min", w_min, "w_max", w_max)
-    wd = V.check_choice(op, "weight_dependence", weight_dependence, WEIGHT_DEPENDENCES)
+    tp = validation.check_real(op, "tau_plus", tau_plus, positive=True)
+    tm = validation.check_real(op, "tau_minus", tau_minus, positive=True)
+    dt = validation.check_real(op, "dt", dt, positive=True)
+    lr = validation.check_real(op, "lr", lr)
+    w_min, w_max = validation.check_bounds(op, "w_min", w_min, "w_max", w_max)
+    wd = validation.check_choice(op, "weight_dependence", weight_dependence, WEIGHT_DEPENDENCES)
     p = PlasticityParams(
-        stdp=True, a_plus=lr * V.check_real(op, "a_plus", a_plus), a_minus=lr * V.check_real(op, "a_minus", a_minus),
+        stdp=True, a_plus=lr * validation.check_real(op, "a_plus", a_plus), a_minus=lr * validation.check_real(op, "a_minus", a_minus),
         decay_pre=math.exp(-dt / tp), decay_post=math.exp(-dt / tm), multiplicative=wd == "multiplicative",
         w_min=w_min, w_max=w_max)
     _run(be, wf, geom, p, seed_step, spikes=_cast(z, sd), x_pre=x_pre, x_post=x_post, gate=_cast(gate, sd))
@@ -250,15 +250,15 @@ def bcm_(w, y, theta, *, lr, tau_theta, decay=0.0, w_min=0.0, w_max=1.0, theta_m
     """
     op = "bcm_"
     geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
-    V.check_cells(op, "theta", theta, dims, wf.w, per_sample=False)
-    B = V.check_cells(op, "y", y, dims, wf.w)
-    V.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
+    validation.check_cells(op, "theta", theta, dims, wf.w, per_sample=False)
+    B = validation.check_cells(op, "y", y, dims, wf.w)
+    validation.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
     seed_step = _sr(op, seed, step)
-    lr = V.check_real(op, "lr", lr)
-    tau = V.check_real(op, "tau_theta", tau_theta, positive=True)
-    decay = V.check_real(op, "decay", decay, nonneg=True)
-    w_min, w_max = V.check_bounds(op, "w_min", w_min, "w_max", w_max)
-    t_min, t_max = V.check_bounds(op, "theta_min", theta_min, "theta_max", theta_max, allow_inf=True)
+    lr = validation.check_real(op, "lr", lr)
+    tau = validation.check_real(op, "tau_theta", tau_theta, positive=True)
+    decay = validation.check_real(op, "decay", decay, nonneg=True)
+    w_min, w_max = validation.check_bounds(op, "w_min", w_min, "w_max", w_max)
+    t_min, t_max = validation.check_bounds(op, "theta_min", theta_min, "theta_max", theta_max, allow_inf=True)
     p = PlasticityParams(bcm=True, bcm_lr=lr, bcm_decay=decay, tau_theta=tau, theta_min=t_min, theta_max=t_max,
                          w_min=w_min, w_max=w_max)
     sd = theta.dtype
@@ -311,24 +311,24 @@ def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_thr
     if not isinstance(state, PlasticityState):
         raise TypeError(f"{op}: state must be a cellkern.PlasticityState, got {type(state).__name__}")
     geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
-    B = V.check_cells(op, "state.x_pre", state.x_pre, dims, wf.w)
-    V.check_cells(op, "state.x_post", state.x_post, dims, wf.w, batch=B)
-    V.check_cells(op, "state.theta", state.theta, dims, wf.w, per_sample=False)
-    V.check_cells(op, "y", y, dims, wf.w, batch=B)
-    V.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
+    B = validation.check_cells(op, "state.x_pre", state.x_pre, dims, wf.w)
+    validation.check_cells(op, "state.x_post", state.x_post, dims, wf.w, batch=B)
+    validation.check_cells(op, "state.theta", state.theta, dims, wf.w, per_sample=False)
+    validation.check_cells(op, "y", y, dims, wf.w, batch=B)
+    validation.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
     seed_step = _sr(op, seed, state.step if step is None else step)
     sd = _same_dtype(op, [("state.x_pre", state.x_pre), ("state.x_post", state.x_post),
                           ("state.theta", state.theta)])
     lr = None
     if isinstance(lr_scale, torch.Tensor):
-        V.check_cells(op, "lr_scale", lr_scale, dims, wf.w, per_sample=False)
+        validation.check_cells(op, "lr_scale", lr_scale, dims, wf.w, per_sample=False)
         lr, lr_scale = _cast(lr_scale, sd), 1.0
     elif isinstance(lr_scale, bool) or not isinstance(lr_scale, numbers.Real):
         raise TypeError(f"{op}: lr_scale must be a number or a (D, H, W) tensor, got {type(lr_scale).__name__}")
     else:
-        lr_scale = V.check_real(op, "lr_scale", lr_scale)
+        lr_scale = validation.check_real(op, "lr_scale", lr_scale)
     if activity_threshold is not None:
-        activity_threshold = V.check_real(op, "activity_threshold", activity_threshold)
+        activity_threshold = validation.check_real(op, "activity_threshold", activity_threshold)
     p = rule.params(lr_scale, activity_threshold)
     if not (p.stdp or p.bcm):
         return w  # nothing learns (e.g. the freeze profile)
@@ -347,8 +347,8 @@ def synapse_l1(w, mask=None, *, stencil="moore", boundary="periodic"):
     """
     op = "synapse_l1"
     geom, dims, _, wf = _begin(op, w, mask, stencil, boundary, "reference")
-    w, mask = S.expand_ell(wf.w, wf.idx, geom.K) if wf.idx is not None else (wf.w, wf.mask)
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    w, mask = sparse.expand_ell(wf.w, wf.idx, geom.K) if wf.idx is not None else (wf.w, wf.mask)
+    acc = accumulation_dtype(w.dtype)
     return torch.where(live_synapses(mask, geom, dims, w.device), w.to(acc).abs(), 0).sum(0)
 
 
@@ -380,14 +380,14 @@ def heterosynaptic_normalize_(w, target, mask=None, *, where=None, seed=0, step=
     """
     op = "heterosynaptic_normalize_"
     geom, dims, be, wf = _begin(op, w, mask, stencil, boundary, backend)
-    V.check_cells(op, "target", target, dims, wf.w, per_sample=False)
+    validation.check_cells(op, "target", target, dims, wf.w, per_sample=False)
     if where is not None:
-        V.check_cells(op, "where", where, dims, wf.w, per_sample=False, allow_bool=True)
+        validation.check_cells(op, "where", where, dims, wf.w, per_sample=False, allow_bool=True)
         if where.dtype != torch.bool:
             raise TypeError(f"{op}: where must be a bool tensor, got {where.dtype}")
     seed_step = _sr(op, seed, step)
-    acc = torch.float64 if wf.w.dtype == torch.float64 else torch.float32
-    tgt, wh = _cast(target, acc), V.contiguous(where)
+    acc = accumulation_dtype(wf.w.dtype)
+    tgt, wh = _cast(target, acc), validation.contiguous(where)
     _update(wf, geom, seed_step,
-            lambda w_, m_: L.normalize_op(w_, m_, *geom.op_args, tgt, wh, L.backend_name(be)), be)
+            lambda w_, m_: library.normalize_op(w_, m_, *geom.op_args, tgt, wh, backends.name_of(be)), be)
     return w

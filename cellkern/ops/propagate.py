@@ -5,36 +5,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import backends
-from ..backends.reference import ACTIVATIONS
-from ..stencil import Geometry, Stencil, parse_boundary
-from ..stencil import stencil as make_stencil
-from . import forms as F
-from . import library as L
-from . import validation as V
+from ..contract import ACTIVATIONS
+from ..stencil import geometry
+from . import forms
+from . import library
+from .. import validation
 
 __all__ = ["aggregate", "propagate", "propagate_steps"]
-
-
-_GEOMETRIES: dict = {}
-
-
-def _geometry(op: str, stencil, boundary) -> Geometry:
-    """The (cached) Geometry of a stencil and boundary: built and checked once
-    per distinct pair, so the per-call cost of small lattices stays low."""
-    key = None
-    if isinstance(stencil, (str, Stencil)) and isinstance(boundary, (str, tuple)):
-        key = (stencil, boundary)
-        geom = _GEOMETRIES.get(key)
-        if geom is not None:
-            return geom
-    try:
-        st = make_stencil(stencil)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{op}: {exc}") from None
-    geom = Geometry(st, parse_boundary(boundary, arg=f"{op}: boundary"))
-    if key is not None and len(_GEOMETRIES) < 256:
-        _GEOMETRIES[key] = geom
-    return geom
 
 
 def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=None):
@@ -73,46 +50,46 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
         torch.Size([2, 4, 8, 8, 8])
     """
     op = "aggregate"
-    geom = _geometry(op, stencil, boundary)
-    V.check_state(op, s)
+    geom = geometry(op, stencil, boundary)
+    validation.check_state(op, s)
     w, mask, idx = _weights(op, w, mask, geom, s)
     name, be = backends.select(backend, s.device, op)
     if idx is not None:
-        return F.AggregateEll.apply(V.contiguous(s), V.contiguous(w), idx, geom, be)
-    return L.aggregate_op(V.contiguous(s), V.contiguous(w), V.contiguous(mask), *geom.op_args, name)
+        return forms.AggregateEll.apply(validation.contiguous(s), validation.contiguous(w), idx, geom, be)
+    return library.aggregate_op(validation.contiguous(s), validation.contiguous(w), validation.contiguous(mask), *geom.op_args, name)
 
 
 def _weights(op, w, mask, geom, s):
     """The checked weight form: ``(w, mask, idx)``, ``idx`` None when dense (see :mod:`.forms`)."""
-    w, mask, idx = F.resolve(op, w, mask, geom.K, tuple(s.shape[2:]))
-    V.check_weights(op, w, s, geom.K, slots=idx is not None)
+    w, mask, idx = forms.resolve(op, w, mask, geom.K, tuple(s.shape[2:]))
+    validation.check_weights(op, w, s, geom.K, slots=idx is not None)
     if idx is None:
-        V.check_mask(op, mask, geom.K, s)
+        validation.check_mask(op, mask, geom.K, s)
     elif idx.device != s.device:
         raise ValueError(f"{op}: idx must be on the device of s ({s.device}), got {idx.device}")
     return w, mask, idx
 
 
 def _prepare_propagate(op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend):
-    geom = _geometry(op, stencil, boundary)
-    V.check_state(op, s)
+    geom = geometry(op, stencil, boundary)
+    validation.check_state(op, s)
     w, mask, idx = _weights(op, w, mask, geom, s)
-    V.check_bias(op, bias, s)
-    leak = V.check_leak(op, leak)
-    activation = V.check_choice(op, "activation", activation, ACTIVATIONS)
+    validation.check_bias(op, bias, s)
+    leak = validation.check_leak(op, leak)
+    activation = validation.check_choice(op, "activation", activation, ACTIVATIONS)
     be = backends.select(backend, s.device, op)  # (name, module)
     if bias is not None and bias.dim() == 1:
         bias = bias.view(-1, 1, 1, 1).expand(bias.shape[0], *s.shape[2:])
-    return geom, leak, activation, be, V.contiguous(w), V.contiguous(mask), idx, V.contiguous(bias)
+    return geom, leak, activation, be, validation.contiguous(w), validation.contiguous(mask), idx, validation.contiguous(bias)
 
 
 def _step(s, w, mask, idx, x, bias, geom, leak, activation, be):
     """One :func:`propagate` of checked inputs, dense or ELL; ``be`` is ``(name, module)``."""
     name, mod = be
     if idx is not None:
-        return F.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, mod)
+        return forms.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, mod)
     save_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (s, w, x, bias))
-    return L.propagate_op(s, w, mask, x, bias, *geom.op_args, leak, activation, name, save_u)[0]
+    return library.propagate_op(s, w, mask, x, bias, *geom.op_args, leak, activation, name, save_u)[0]
 
 
 def _drive(x, s):
@@ -122,7 +99,7 @@ def _drive(x, s):
         return None
     if tuple(x.shape) != tuple(s.shape):
         x = x.expand(s.shape)
-    return V.contiguous(x)
+    return validation.contiguous(x)
 
 
 def propagate(s, w, mask=None, x=None, bias=None, *, leak=1.0, activation="tanh",
@@ -154,8 +131,8 @@ def propagate(s, w, mask=None, x=None, bias=None, *, leak=1.0, activation="tanh"
     op = "propagate"
     geom, leak, activation, be, w, mask, idx, bias = _prepare_propagate(
         op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend)
-    V.check_drive(op, x, s)
-    return _step(V.contiguous(s), w, mask, idx, _drive(x, s), bias, geom, leak, activation, be)
+    validation.check_drive(op, x, s)
+    return _step(validation.contiguous(s), w, mask, idx, _drive(x, s), bias, geom, leak, activation, be)
 
 
 def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_every=None, leak=1.0,
@@ -182,8 +159,8 @@ def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_eve
         torch.Size([1, 2, 6, 6, 6])
     """
     op = "propagate_steps"
-    steps = V.check_positive_int(op, "steps", steps)
-    k = V.check_positive_int(op, "checkpoint_every", checkpoint_every, allow_none=True)
+    steps = validation.check_positive_int(op, "steps", steps)
+    k = validation.check_positive_int(op, "checkpoint_every", checkpoint_every, allow_none=True)
     geom, leak, activation, be, w, mask, idx, bias = _prepare_propagate(
         op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend)
     per_step = x is not None and isinstance(x, torch.Tensor) and x.dim() == 6
@@ -192,9 +169,9 @@ def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_eve
             raise ValueError(f"{op}: a per-step x must have shape (T, B, C, D, H, W) with T = steps = {steps}, "
                              f"got {tuple(x.shape)}")
         for t in range(steps):
-            V.check_drive(op, x[t], s, name=f"x[{t}]")
+            validation.check_drive(op, x[t], s, name=f"x[{t}]")
     else:
-        V.check_drive(op, x, s)
+        validation.check_drive(op, x, s)
         x = _drive(x, s)
 
     def run(state, t0, t1):
@@ -203,7 +180,7 @@ def propagate_steps(s, w, steps, mask=None, x=None, bias=None, *, checkpoint_eve
             state = _step(state, w, mask, idx, xt, bias, geom, leak, activation, be)
         return state
 
-    state = V.contiguous(s)
+    state = validation.contiguous(s)
     if k is None or not torch.is_grad_enabled():
         return run(state, 0, steps)
     for t0 in range(0, steps, k):

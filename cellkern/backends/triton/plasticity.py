@@ -41,9 +41,9 @@ import triton
 import triton.language as tl
 
 from .. import new_output
-from ..reference import accumulation_dtype
+from ...contract import accumulation_dtype
 from ...stencil import Geometry
-from .propagate import TILE_TUNING, _INTERPRET, _TL_ACC, _configs, _mask_u8, _on, _stencil_tile, _tile_grid
+from .tiles import INTERPRET, TILE_TUNING, TL_ACC, configs, mask_u8, on_device, stencil_tile, tile_grid
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _synapse_tile(p_off, p_w, p_mask, D, H, W, K, PZ: tl.constexpr, PY: tl.const
     """This program's ``[K_PAD, BLOCK_X]`` tile of synapses (the cells of one row
     segment, all offsets): the cells, the neighbour addresses, the addresses in
     ``w``, which synapses are live (neighbour inside, not masked) and their ``w``."""
-    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = _stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
     p_kx = kk[:, None].to(tl.int64) * N + p_i[None, :]
     live = m_kx
     if HAS_MASK:
@@ -75,7 +75,7 @@ def _cell_stencil_kernel(
     WINNERS False: ``y'[b,i] = relu(y[b,i] − β·mean_k y[b,nbr(i,k)])``;
     WINNERS True:  ``win[b,i] = y[b,i] > θ_act and y[b,i] ≥ max_k y[b,nbr(i,k)]`` (0/1).
     """
-    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = _stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
     for b in range(B):
         p_b = b * N
         b_y = tl.load(p_y + p_b + p_i, mask=m_x, other=0.0).to(ACC)
@@ -181,7 +181,7 @@ def _plasticity_kernel(
     tl.store(p_w + p_kx, b_new.to(p_w.dtype.element_ty), mask=live)
 
 
-@triton.autotune(configs=_configs(), key=["HAS_SPIKES", "STDP", "BCM"],
+@triton.autotune(configs=configs(), key=["HAS_SPIKES", "STDP", "BCM"],
                  restore_value=["p_xpre", "p_xpost", "p_theta"])
 @triton.jit
 def _cell_state_kernel(
@@ -248,11 +248,11 @@ def _readable(t):
 
 def _cell_stencil(y, geom: Geometry, out, acc_t, beta: float, threshold: float, winners: bool):
     B, D, H, W = y.shape
-    _cell_stencil_kernel[_tile_grid(D, H, W)](
+    _cell_stencil_kernel[tile_grid(D, H, W)](
         y, geom.offsets_on(y.device, torch.int32), out,
         float(beta), float(threshold), B, D, H, W, geom.K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
-        WINNERS=winners, ACC=_TL_ACC[acc_t], K_PAD=triton.next_power_of_2(geom.K),
+        WINNERS=winners, ACC=TL_ACC[acc_t], K_PAD=triton.next_power_of_2(geom.K),
     )
     return out
 
@@ -261,14 +261,14 @@ def lateral_inhibition(y, beta: float, geom: Geometry):
     """``y'[b,i] = relu(y[b,i] − β·mean_k y[b,nbr(i,k)])`` in the dtype of ``y``
     (0 for neighbours outside a zero boundary)."""
     out = new_output(y.shape, y.dtype, y.device)
-    with _on(y):
+    with on_device(y):
         return _cell_stencil(y, geom, out, accumulation_dtype(y.dtype), beta, 0.0, False)
 
 
 def local_winners(y, threshold: float, geom: Geometry):
     """``win[b,i] = y[b,i] > θ_act and y[b,i] ≥ max_k y[b,nbr(i,k)]``, bool ``[B, D, H, W]``."""
     out = new_output(y.shape, torch.bool, y.device)
-    with _on(y):
+    with on_device(y):
         _cell_stencil(y, geom, out.view(torch.uint8), accumulation_dtype(y.dtype), 0.0, threshold, True)
     return out
 
@@ -283,12 +283,12 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
     B = (y if y is not None else spikes).shape[0]
     spikes, gate = _readable(spikes), _readable(gate)
     need_y = p.competition or p.bcm or (p.stdp and spikes is None)
-    with _on(w):
+    with on_device(w):
         yp = y if need_y else None
         if need_y and p.competition:
             yp = _cell_stencil(y, geom, new_output(y.shape, acc_t, y.device), acc_t, p.beta, 0.0, False)
-        m = _mask_u8(mask)
-        _plasticity_kernel[_tile_grid(D, H, W)](
+        m = mask_u8(mask)
+        _plasticity_kernel[tile_grid(D, H, W)](
             w, m if m is not None else w, geom.offsets_on(w.device, torch.int32),
             *(t if t is not None else w for t in (yp, spikes, x_pre, x_post, theta, gate, lr)),
             float(p.a_plus), float(p.a_minus), float(p.decay_pre), float(p.decay_post),
@@ -298,16 +298,16 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
             HAS_MASK=m is not None, HAS_Y=yp is not None, HAS_SPIKES=spikes is not None,
             HAS_GATE=gate is not None, HAS_LR=lr is not None, STDP=bool(p.stdp), BCM=bool(p.bcm),
             COMPETITION=bool(p.competition), NORMALIZE=bool(p.normalize), MULTIPLICATIVE=bool(p.multiplicative),
-            ACC=_TL_ACC[acc_t], K_PAD=triton.next_power_of_2(K),
+            ACC=TL_ACC[acc_t], K_PAD=triton.next_power_of_2(K),
         )
         if p.stdp or p.bcm:
-            n, block = D * H * W, (64 if _INTERPRET else 1024)
+            n, block = D * H * W, (64 if INTERPRET else 1024)
             _cell_state_kernel[(triton.cdiv(n, block),)](
                 *(t if t is not None else w for t in (yp, spikes, x_pre, x_post, theta)),
                 float(p.decay_pre), float(p.decay_post), float(p.threshold),
                 float(p.tau_theta), float(p.theta_min), float(p.theta_max),
                 B, n, HAS_SPIKES=spikes is not None, STDP=bool(p.stdp), BCM=bool(p.bcm),
-                ACC=_TL_ACC[acc_t], BLOCK=block,
+                ACC=TL_ACC[acc_t], BLOCK=block,
             )
 
 
@@ -316,14 +316,14 @@ def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
     ``Σ_k |w[k,i]| = target[i]``; cells whose live Σ|w| is 0 stay as they are."""
     K, D, H, W = w.shape
     acc_t = torch.float64 if torch.float64 in (w.dtype, target.dtype) else torch.float32
-    m = _mask_u8(mask)
+    m = mask_u8(mask)
     wh = _readable(where)
-    with _on(w):
-        _normalize_kernel[_tile_grid(D, H, W)](
+    with on_device(w):
+        _normalize_kernel[tile_grid(D, H, W)](
             w, m if m is not None else w, geom.offsets_on(w.device, torch.int32), target,
             wh if wh is not None else target,
             D, H, W, K,
             PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
-            HAS_MASK=m is not None, HAS_WHERE=wh is not None, ACC=_TL_ACC[acc_t],
+            HAS_MASK=m is not None, HAS_WHERE=wh is not None, ACC=TL_ACC[acc_t],
             K_PAD=triton.next_power_of_2(K),
         )

@@ -29,83 +29,15 @@ Precision (STYLE rule 5): fp16/bf16/fp32 are loaded and accumulated in fp32
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import new_output
-from ..reference import accumulation_dtype
+from ...contract import ACTIVATION_CODES, accumulation_dtype
 from ...stencil import Geometry
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_ACT = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _configs():
-    """num_warps candidates; one config under the interpreter (STYLE rule 9).
-
-    Tiles are sized by the launchers (up to 2048 fp32 accumulators); 2 warps
-    would need ~250 registers a thread for the largest ones, so 4 and 8 only.
-    """
-    if _INTERPRET:
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=nw) for nw in (4, 8)]
-
-
-def _tile_configs():
-    """``BLOCK_X`` × num_warps candidates of the kernels whose program owns a
-    ``[K_PAD, BLOCK_X]`` tile (all offsets of ``BLOCK_X`` cells of one row).
-
-    On a GPU the autotuner picks among 16/32/64 cells (64-256-byte row segments
-    per offset plane) and 4/8 warps; :func:`_prune_tiles` keeps one candidate
-    for small lattices, where tuning costs more than it saves. One fixed small
-    tile under the interpreter (tiny test lattices still cross tile edges).
-    """
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_X": 8}, num_warps=4)]
-    return [triton.Config({"BLOCK_X": bx}, num_warps=nw) for bx in (16, 32, 64) for nw in (4, 8)]
-
-
-def _prune_tiles(configs, named_args, **kwargs):
-    """Tiles no wider than the row (≥ 16); only the first candidate below 2¹⁸ cells."""
-    W = named_args["W"]
-    cap = max(16, triton.next_power_of_2(W))
-    keep = [c for c in configs if c.kwargs["BLOCK_X"] <= cap]
-    if named_args["D"] * named_args["H"] * W < 2**18:
-        keep = keep[:1]
-    return keep or configs[:1]
-
-
-TILE_TUNING = dict(configs=_tile_configs(), prune_configs_by={"early_config_prune": _prune_tiles})
-
-
-def _tile_grid(D: int, H: int, W: int):
-    """Grid of the tile kernels: one row per axis-0 program, x-blocks on axis 1."""
-    return lambda meta: (D * H, triton.cdiv(W, meta["BLOCK_X"]))
-
-
-@triton.jit
-def _neighbour(pos, d, n, PERIODIC: tl.constexpr):
-    """Index ``pos + d`` along an axis of length ``n`` and whether it exists.
-
-    Periodic: a true modulo, taken on ``d`` (often a scalar) so that the
-    per-element cost is one compare-and-subtract. Zero: ``pos + d`` and a
-    validity flag (the caller masks its loads with it).
-    """
-    if PERIODIC:
-        dm = ((d % n) + n) % n
-        q = pos + dm
-        q = tl.where(q >= n, q - n, q)
-        ok = q >= 0
-    else:
-        q = pos + d
-        ok = (q >= 0) & (q < n)
-    return q, ok
-
+from .tiles import (INTERPRET, TILE_TUNING, TL_ACC, configs, mask_u8, neighbour, on_device, stencil_tile,
+                    tile_grid)
 
 @triton.jit
 def _gather_tile(BC, D, H, W, BLOCK_BC: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -203,9 +135,9 @@ def _stencil_gather(
         dx = tl.load(p_off + 3 * k + 2, mask=m_k, other=0)
         if TRANSPOSED:
             dz, dy, dx = -dz, -dy, -dx
-        zz, ok_z = _neighbour(z, dz, D, PZ)
-        yy, ok_y = _neighbour(y, dy, H, PY)
-        xx, ok_x = _neighbour(x[None, :], dx[:, None], W, PX)
+        zz, ok_z = neighbour(z, dz, D, PZ)
+        yy, ok_y = neighbour(y, dy, H, PY)
+        xx, ok_x = neighbour(x[None, :], dx[:, None], W, PX)
         m_i = (m_k & ok_z & ok_y)[:, None] & ok_x & m_x[None, :]
         p_nbr = ((zz * H + yy) * W)[:, None] + xx
         if TRANSPOSED:
@@ -221,7 +153,7 @@ def _stencil_gather(
     return b_acc
 
 
-@triton.autotune(configs=_configs(), key=["W", "BC", "K", "ACT", "HAS_MASK", "EPILOGUE"])
+@triton.autotune(configs=configs(), key=["W", "BC", "K", "ACT", "HAS_MASK", "EPILOGUE"])
 @triton.jit
 def _gather_fwd_kernel(
     p_s, p_w, p_mask, p_off, p_x, p_bias, p_out, p_u,
@@ -263,7 +195,7 @@ def _gather_fwd_kernel(
         tl.store(p_out + p_i, b_out.to(p_out.dtype.element_ty), mask=m_o)
 
 
-@triton.autotune(configs=_configs(), key=["W", "BC", "K", "HAS_MASK", "HAS_RES"])
+@triton.autotune(configs=configs(), key=["W", "BC", "K", "HAS_MASK", "HAS_RES"])
 @triton.jit
 def _gather_bwd_kernel(
     p_g, p_w, p_mask, p_off, p_res, p_out,
@@ -292,34 +224,6 @@ def _gather_bwd_kernel(
     tl.store(p_out + p_j, b_acc.to(p_out.dtype.element_ty), mask=m_o)
 
 
-@triton.jit
-def _stencil_tile(p_off, D, H, W, K, PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
-                  K_PAD: tl.constexpr, BLOCK_X: tl.constexpr):
-    """This program's ``[K_PAD, BLOCK_X]`` neighbour tile: ``BLOCK_X`` cells ``x``
-    of lattice row ``program_id(0)`` (x-block ``program_id(1)``), all offsets.
-
-    Returns the cells ``x`` and their mask, the offset index ``kk`` and its mask,
-    the int64 neighbour index ``nbr(i,k)``, whether that neighbour exists (inside
-    a zero boundary, ``k < K``, ``x < W``), ``N = D·H·W`` and the cells' index ``i``.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    m_x = x < W
-    z = row // H
-    y = row % H
-    kk = tl.arange(0, K_PAD)
-    m_k = kk < K
-    dz = tl.load(p_off + 3 * kk, mask=m_k, other=0)
-    dy = tl.load(p_off + 3 * kk + 1, mask=m_k, other=0)
-    dx = tl.load(p_off + 3 * kk + 2, mask=m_k, other=0)
-    zz, ok_z = _neighbour(z, dz, D, PZ)
-    yy, ok_y = _neighbour(y, dy, H, PY)
-    xx, ok_x = _neighbour(x[None, :], dx[:, None], W, PX)
-    m_kx = (m_k & ok_z & ok_y)[:, None] & ok_x & m_x[None, :]
-    p_nbr = ((zz * H + yy) * W)[:, None] + xx
-    return x, m_x, kk, m_k, p_nbr, m_kx, tl.cast(D, tl.int64) * H * W, row * W + x
-
-
 @triton.autotune(key=["D", "H", "W", "BC", "K", "HAS_MASK", "FROM_U"], **TILE_TUNING)
 @triton.jit
 def _weight_grad_kernel(
@@ -336,7 +240,7 @@ def _weight_grad_kernel(
     stored to ``p_du`` when WRITE_DU. The program owns ``BLOCK_X`` cells of one
     row and all ``K`` offsets, and loops over ``b, c``: each ``e`` is formed once.
     """
-    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = _stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
+    x, m_x, kk, m_k, p_nbr, m_kx, N, p_i = stencil_tile(p_off, D, H, W, K, PZ, PY, PX, K_PAD, BLOCK_X)
 
     b_acc = tl.zeros([K_PAD, BLOCK_X], dtype=ACC)
     if FROM_U:
@@ -361,7 +265,7 @@ def _weight_grad_kernel(
     tl.store(p_dw + p_kx, b_acc.to(p_dw.dtype.element_ty), mask=m_o)
 
 
-@triton.autotune(configs=_configs(), key=["ACT"])
+@triton.autotune(configs=configs(), key=["ACT"])
 @triton.jit
 def _du_kernel(p_g, p_u, p_du, leak: tl.float64, n, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """``du = g·α·φ'(u)`` elementwise (when ``dw`` is not wanted)."""
@@ -376,7 +280,7 @@ def _du_kernel(p_g, p_u, p_du, leak: tl.float64, n, ACT: tl.constexpr, ACC: tl.c
 def _blocks(BC: int, W: int) -> tuple:
     """``(BLOCK_BC, BLOCK_X)``: x covers a row up to 128; bc fills a tile of up
     to 2048 elements so that one ``w`` load serves as many channels as fit."""
-    if _INTERPRET:  # small tiles: tiny test shapes still cross tile edges
+    if INTERPRET:  # small tiles: tiny test shapes still cross tile edges
         return min(triton.next_power_of_2(BC), 4), min(triton.next_power_of_2(W), 8)
     block_x = max(16, min(triton.next_power_of_2(W), 128))
     block_bc = min(triton.next_power_of_2(BC), max(1, 2048 // block_x), 16)
@@ -385,16 +289,7 @@ def _blocks(BC: int, W: int) -> tuple:
 
 def _k_block(K: int) -> int:
     """Offsets per loop iteration: 1 on GPU (registers), all in the interpreter."""
-    return min(triton.next_power_of_2(K), 64) if _INTERPRET else 1
-
-
-def _on(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current device), not cuda:0."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _mask_u8(mask):
-    return None if mask is None else mask.view(torch.uint8)
+    return min(triton.next_power_of_2(K), 64) if INTERPRET else 1
 
 
 def _gather_fwd(s, w, mask, x, bias, geom: Geometry, leak: float, act: int, epilogue: int, save_u: bool):
@@ -405,14 +300,14 @@ def _gather_fwd(s, w, mask, x, bias, geom: Geometry, leak: float, act: int, epil
     u = new_output(s.shape, acc_t, s.device) if save_u else None
     block_bc, block_x = _blocks(BC, W)
     grid = (D * H * triton.cdiv(BC, block_bc), triton.cdiv(W, block_x))
-    m = _mask_u8(mask)
+    m = mask_u8(mask)
     _gather_fwd_kernel[grid](
         s, w, m if m is not None else w, geom.offsets_on(s.device, torch.int32),
         x if x is not None else s, bias if bias is not None else s, out, u if u is not None else out,
         float(leak), BC, C, D, H, W, geom.K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
         HAS_MASK=m is not None, HAS_X=x is not None, HAS_BIAS=bias is not None,
-        EPILOGUE=epilogue, ACT=act, SAVE_U=save_u, ACC=_TL_ACC[acc_t],
+        EPILOGUE=epilogue, ACT=act, SAVE_U=save_u, ACC=TL_ACC[acc_t],
         BLOCK_BC=block_bc, BLOCK_X=block_x, K_BLOCK=_k_block(geom.K),
     )
     return out, u
@@ -425,13 +320,13 @@ def _gather_bwd(g, w, mask, geom: Geometry, out_dtype, res=None, res_coef: float
     out = new_output(g.shape, out_dtype, g.device)
     block_bc, block_x = _blocks(BC, W)
     grid = (D * H * triton.cdiv(BC, block_bc), triton.cdiv(W, block_x))
-    m = _mask_u8(mask)
+    m = mask_u8(mask)
     _gather_bwd_kernel[grid](
         g, w, m if m is not None else w, geom.offsets_on(g.device, torch.int32),
         res if res is not None else g, out,
         float(res_coef), BC, D, H, W, geom.K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
-        HAS_MASK=m is not None, HAS_RES=res is not None, ACC=_TL_ACC[acc_t],
+        HAS_MASK=m is not None, HAS_RES=res is not None, ACC=TL_ACC[acc_t],
         BLOCK_BC=block_bc, BLOCK_X=block_x, K_BLOCK=_k_block(geom.K),
     )
     return out
@@ -444,29 +339,29 @@ def _weight_grad(g, s, mask, geom: Geometry, w_dtype, u=None, leak: float = 1.0,
     acc_t = accumulation_dtype(s.dtype)
     dw = new_output((K, D, H, W), w_dtype, s.device)
     k_pad = triton.next_power_of_2(K)
-    grid = _tile_grid(D, H, W)
-    m = _mask_u8(mask)
+    grid = tile_grid(D, H, W)
+    m = mask_u8(mask)
     _weight_grad_kernel[grid](
         g, u if u is not None else g, s, m if m is not None else s, geom.offsets_on(s.device, torch.int32),
         dw, du if du is not None else dw,
         float(leak), B * C, D, H, W, K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
         HAS_MASK=m is not None, FROM_U=u is not None, WRITE_DU=du is not None, ACT=act,
-        ACC=_TL_ACC[acc_t], K_PAD=k_pad,
+        ACC=TL_ACC[acc_t], K_PAD=k_pad,
     )
     return dw
 
 
 def aggregate_forward(s, w, mask, geom: Geometry):
     """``a[b,c,i] = Σ_k m[k,i]·w[k,i]·s[b,c,nbr(i,k)]`` in the dtype of ``s``."""
-    with _on(s):
+    with on_device(s):
         out, _ = _gather_fwd(s, w, mask, None, None, geom, 1.0, 0, 0, False)
     return out
 
 
 def aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool):
     """``(ds, dw)``: the transposed gather of ``g`` and the weight gradient; None where not needed."""
-    with _on(s):
+    with on_device(s):
         ds = _gather_bwd(g, w, mask, geom, s.dtype) if need_s else None
         dw = _weight_grad(g, s, mask, geom, w.dtype) if need_w else None
     return ds, dw
@@ -477,8 +372,8 @@ def propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activati
 
     Returns ``(s', u)``, ``u`` (fp32, fp64 for fp64 input) only when ``save_u``.
     """
-    with _on(s):
-        return _gather_fwd(s, w, mask, x, bias, geom, leak, _ACT[activation], 1, save_u)
+    with on_device(s):
+        return _gather_fwd(s, w, mask, x, bias, geom, leak, ACTIVATION_CODES[activation], 1, save_u)
 
 
 def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
@@ -488,16 +383,16 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
     ``du`` is formed inside the weight-gradient kernel when ``dw`` is wanted (and
     stored only if ``ds`` or the caller needs it), else by one elementwise kernel.
     """
-    act = _ACT[activation]
+    act = ACTIVATION_CODES[activation]
     du = new_output(u.shape, u.dtype, u.device) if (need_s or need_u) else None
     ds = dw = None
-    with _on(s):
+    with on_device(s):
         if need_w:
             dw = _weight_grad(g, s, mask, geom, w.dtype, u=u, leak=leak, act=act, du=du)
         elif du is not None:
             n, block = du.numel(), 1024
             _du_kernel[(triton.cdiv(n, block),)](g, u, du, float(leak), n, ACT=act,
-                                                 ACC=_TL_ACC[u.dtype], BLOCK=block)
+                                                 ACC=TL_ACC[u.dtype], BLOCK=block)
         if need_s:
             ds = _gather_bwd(du, w, mask, geom, s.dtype, res=g, res_coef=1.0 - leak)
     return ds, dw, (du if need_u else None)

@@ -91,7 +91,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
         a :class:`Dataset` with images ``[N, 8, 8]``.
 
     Example:
-        >>> from cellkern.data import load_digits
+        >>> from cellkern.train.data import load_digits
         >>> d = load_digits()
         >>> tuple(d.train_x.shape), tuple(d.test_x.shape), d.n_classes
         ((1347, 8, 8), (450, 8, 8), 10)
@@ -205,7 +205,7 @@ def load_idx(images_path, labels_path=None, *, test_images=None, test_labels=Non
     Images: uint8 pixels / 255; other types scaled by their range into [0, 1].
 
     Example:
-        >>> from cellkern.data import load_idx
+        >>> from cellkern.train.data import load_idx
         >>> d = load_idx("train-images-idx3-ubyte.gz", limit=10000)  # doctest: +SKIP
     """
     op = "load_idx"
@@ -238,7 +238,7 @@ def to_face(images, H: int, W: int) -> torch.Tensor:
 
     Example:
         >>> import torch
-        >>> from cellkern.data import to_face
+        >>> from cellkern.train.data import to_face
         >>> to_face(torch.ones(2, 8, 8), 16, 12).shape
         torch.Size([2, 16, 12])
     """

@@ -8,8 +8,8 @@ from typing import Callable, Optional
 import torch
 
 from .config import ScheduleConfig, StageConfig
-from .schedule import profile
-from .stencil import stencil as make_stencil
+from .config import profile
+from ..stencil import stencil as make_stencil
 
 __all__ = ["stage_memory_config", "stage_estimate", "fit_stage", "device_memory"]
 
@@ -38,7 +38,7 @@ def stage_memory_config(cfg: ScheduleConfig, st: StageConfig):
     A freeze stage is counted as if it learned (``MemoryConfig`` needs
     something to train), an upper bound of what it holds.
     """
-    from .memory import MemoryConfig
+    from ..memory import MemoryConfig
 
     return MemoryConfig(stencil=cfg.stencil, batch=cfg.batch, channels=cfg.channels, keep=st.sparse_keep,
                         competition=profile(st.plasticity_profile).competition > 0)
@@ -47,7 +47,7 @@ def stage_memory_config(cfg: ScheduleConfig, st: StageConfig):
 def stage_estimate(cfg: ScheduleConfig, st: StageConfig, dims) -> int:
     """Estimated peak bytes of ``st`` at ``dims``, plus the all-True mask a
     stage without ``memory_optimizations`` holds."""
-    from .memory import memory_estimate
+    from ..memory import memory_estimate
 
     mask = 0 if (st.memory_optimizations or st.sparse_keep < 1) else make_stencil(cfg.stencil).K * math.prod(dims)
     return memory_estimate(tuple(dims), stage_memory_config(cfg, st)) + mask
@@ -62,7 +62,7 @@ def fit_stage(cfg: ScheduleConfig, st: StageConfig, budget: Optional[int] = None
     Args:
         budget: bytes; None takes ``cfg.budget``, else :func:`device_memory`.
     """
-    from .memory import PROGRESSION
+    from ..memory import PROGRESSION
 
     budget = budget or cfg.budget_bytes() or device_memory()
     need = stage_estimate(cfg, st, st.dims)

@@ -23,7 +23,7 @@ A killed run resumed from its checkpoint ends with exactly the weights of an
 uninterrupted run: every random draw comes from generators whose state is saved.
 
 ``parallel="data"`` / ``"domain"`` runs the same loop on several processes
-(``torchrun``; :mod:`cellkern.parallel` lays the tensors out and runs the ops),
+(``torchrun``; :mod:`cellkern.train.layouts` lays the tensors out and runs the ops),
 ending with exactly the one-process run's state.
 """
 from __future__ import annotations
@@ -33,45 +33,35 @@ import time
 from typing import Callable, Optional
 
 import torch
-from tqdm import tqdm
+import click
 
-from . import ops
-from .backends.reference import live_synapses
+from .. import ops, sparse
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .planning import fit_stage, stage_estimate
 from .config import ScheduleConfig, load_config, save_config
-from .parallel import make_layout
-from .readout import BOUNDARY, PrequentialDecoder, drive
-from .rules import PlasticityState
-from .schedule import make_rule, profile, transfer
-from .stencil import Geometry, parse_boundary
-from .stencil import stencil as make_stencil
+from .layouts import make_layout
+from .monitor import BOUNDARY, PrequentialDecoder, drive
+from ..rules import PlasticityState
+from .config import make_rule, profile
+from .transfer import transfer
+from ..stencil import geometry, live_synapses
+from ..stencil import stencil as make_stencil
 
-__all__ = ["Trainer", "prune_magnitude", "rescale_survivors"]
+__all__ = ["Trainer", "prune_stage", "rescale_survivors"]
 
 CONFIG_NAME = "config.toml"
 
 
-def prune_magnitude(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, *, stencil: str) -> torch.Tensor:
-    """The mask that keeps, per cell, the ``⌈keep · K_cell⌉`` largest |w| among
-    its live synapses (ties: lower k); K_cell counts the cell's synapses inside
-    the lattice, so a stage with the same ``keep`` as the one before prunes nothing more.
-
-    Unlike ``ck.sparse.prune``, whose ``keep`` is a fraction of the synapses
-    live *now*, a stage's ``sparse_keep`` is a fraction of the stencil, so that
-    consecutive stages with ``keep = 0.3`` keep 30% of the stencil, not 30% of 30%.
-    """
-    geom = Geometry(make_stencil(stencil), parse_boundary(BOUNDARY))
-    dims = tuple(w.shape[1:])
-    valid = live_synapses(None, geom, dims, w.device)
-    valid = torch.ones_like(w, dtype=torch.bool) if valid is None else valid
-    live = valid if mask is None else valid & mask
-    score = torch.where(live, w.abs().to(torch.float32), torch.tensor(-1.0))
-    order = torch.sort(score, dim=0, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(0, order, torch.arange(w.shape[0]).view(-1, 1, 1, 1).expand_as(order).contiguous())
-    n_keep = torch.ceil(valid.sum(0) * keep).long()
-    return live & (rank < n_keep)
+def prune_stage(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, *, stencil: str, w_min: float,
+                w_max: float) -> tuple:
+    """``(w, mask)`` of a stage's pruning (``sparse_keep``): each cell keeps
+    ``keep`` of its stencil's in-lattice synapses (``ck.sparse.prune`` with
+    ``of="stencil"``, so consecutive stages with 0.3 keep 30% of the stencil,
+    not 30% of 30%), the survivors rescaled to the cell's Σ|w| before."""
+    kw = dict(of="stencil", stencil=stencil, boundary=BOUNDARY)
+    new = sparse.prune(w, mask, keep, **kw)
+    old = sparse.prune(w, mask, 1.0, **kw)   # the live synapses before
+    return rescale_survivors(w, old, new, w_min, w_max), new
 
 
 def rescale_survivors(w: torch.Tensor, live_before: torch.Tensor, live_after: torch.Tensor, w_min: float,
@@ -96,6 +86,32 @@ def load_dataset(cfg: ScheduleConfig):
     return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
 
 
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+class progress_bar:
+    """A stage's progress bar (``click.progressbar`` on standard error: steps,
+    rate and ETA; drawn only on a terminal), or nothing when ``enabled`` is False."""
+
+    def __init__(self, total: int, initial: int, label: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            self.bar = click.progressbar(length=total, label=label, show_pos=True, show_eta=True,
+                                         file=click.get_text_stream("stderr"))
+            self.bar.__enter__()
+            self.bar.update(initial)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
 def _peak_rss() -> Optional[int]:
     """The process's peak resident set in bytes (None where ``resource`` is missing)."""
     try:
@@ -112,23 +128,23 @@ class Trainer:
         config: the schedule.
         out: the run's folder (config, checkpoints, report, plots); None keeps
             nothing on disk. Default: None.
-        log: where log lines go. Default: :func:`tqdm.write`.
+        log: where log lines go. Default: :func:`click.echo` (standard error).
         progress: show a progress bar per stage. Default: True.
         stop_after: stop (as if killed) after this many steps in all; for tests. Default: None.
         parallel: ``None`` (one process), ``"data"`` (data parallel) or ``"domain"``
             (the lattice split along z) across the processes of an initialised
             ``torch.distributed`` group, e.g. under ``torchrun`` (see
-            :mod:`cellkern.parallel`): the result equals the one-process run;
+            :mod:`cellkern.train.layouts`): the result equals the one-process run;
             only rank 0 logs and writes files. Default: None.
 
     Example:
         >>> import cellkern as ck
-        >>> from cellkern.config import ScheduleConfig, StageConfig
+        >>> from cellkern.train.config import ScheduleConfig, StageConfig
         >>> cfg = ScheduleConfig(stages=[StageConfig("a", (6, 8, 8), 20)], batch=4, present_steps=5)
         >>> report = ck.Trainer(cfg, progress=False, log=lambda m: None).run()  # doctest: +SKIP
     """
 
-    def __init__(self, config: ScheduleConfig, out=None, *, log: Callable = tqdm.write, progress: bool = True,
+    def __init__(self, config: ScheduleConfig, out=None, *, log: Callable = _echo, progress: bool = True,
                  stop_after: Optional[int] = None, parallel: Optional[str] = None):
         self.cfg = config.validate()
         self.par = make_layout(parallel, self.cfg)
@@ -140,7 +156,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.stage, self.step, self.started, self.done_steps = 0, 0, False, 0
         self.w = self.mask = self.pstate = self.s = self.x = self.batch_y = None
-        self.clusters = self.factor = self.amp = self.y_prev = None
+        self.clusters = self.factor = self.lr_amplification = self.y_prev = None
         self.w_initial = None
         self.records: list = []
         self.decoder = None
@@ -164,7 +180,7 @@ class Trainer:
         return t
 
     # -- state ---------------------------------------------------------------------------------
-    _TENSORS = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "amp", "y_prev", "w_initial")
+    _TENSORS = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "lr_amplification", "y_prev", "w_initial")
     _VALUES = ("stage", "step", "started", "done_steps", "records", "decoder")
 
     def state_dict(self) -> dict:
@@ -192,26 +208,14 @@ class Trainer:
         return save_checkpoint(self.out, state) if self.par.is_writer else None
 
     # -- stage set-up --------------------------------------------------------------------------
-    def estimate(self, st, dims) -> int:
-        return stage_estimate(self.cfg, st, dims)
-
-    def fit_stage(self, st) -> tuple:
-        return fit_stage(self.cfg, st, log=self.log)
-
     def _fresh_weights(self, dims, seed) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         K, r = make_stencil(self.cfg.stencil).K, self.cfg.rule
         return r.w_min + r.w_init * torch.rand((K, *dims), generator=g)
 
-    def _prune(self, w, mask, keep):
-        """``(w, mask)`` after magnitude pruning to ``keep``, survivors rescaled."""
-        new = prune_magnitude(w, mask, keep, stencil=self.cfg.stencil)
-        old = prune_magnitude(w, mask, 1.0, stencil=self.cfg.stencil)   # the live synapses before
-        return rescale_survivors(w, old, new, self.cfg.rule.w_min, self.cfg.rule.w_max), new
-
     def start_stage(self) -> None:
         cfg, st = self.cfg, self.cfg.stages[self.stage]
-        dims = self.fit_stage(st)
+        dims = fit_stage(cfg, st, log=self.log)
         r = cfg.rule
         if self.w is None or not st.transfer_learning:
             w = self._fresh_weights(dims, cfg.seed * 1000 + self.stage)
@@ -221,25 +225,25 @@ class Trainer:
         else:
             mask = self.mask
             if mask is not None:  # synapses outside the lattice count as live, or a face layer's void moves inward
-                mask = mask | ~prune_magnitude(self.w, None, 1.0, stencil=cfg.stencil)
+                mask = mask | ~live_synapses(None, geometry("trainer", self.cfg.stencil, BOUNDARY), tuple(self.w.shape[1:]), self.w.device)
             w, theta, mask = transfer(self.w, self.pstate.theta, mask, dims, w_min=r.w_min, w_max=r.w_max)
         self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0)  # traces reset
         if theta is not None:
             self.pstate.theta.copy_(theta)
         if st.sparse_keep < 1:
-            w, mask = self._prune(w, mask, st.sparse_keep)
+            w, mask = prune_stage(w, mask, st.sparse_keep, stencil=cfg.stencil, w_min=r.w_min, w_max=r.w_max)
         if mask is None and not st.memory_optimizations:
             mask = torch.ones_like(w, dtype=torch.bool)
         elif mask is not None and st.memory_optimizations and bool(mask.all()):
             mask = None
         self.w, self.mask = w.contiguous(), mask
         self.s = self.x = self.batch_y = self.y_prev = None
-        self.clusters = self.factor = self.amp = None
+        self.clusters = self.factor = self.lr_amplification = None
         self.decoder = PrequentialDecoder(cfg.decoder_buffer, cfg.decoder_alpha, self.data.n_classes)
         self.records.append(dict(
             name=st.name, requested_dims=list(st.dims), dims=list(dims), steps=st.steps,
             profile=st.plasticity_profile, keep=st.sparse_keep, seconds=0.0, train_seconds=0.0,
-            monitor_seconds=0.0, estimated_memory_bytes=self.estimate(st, dims), history=[], cluster_sizes=[],
+            monitor_seconds=0.0, estimated_memory_bytes=stage_estimate(cfg, st, dims), history=[], cluster_sizes=[],
             transferred=bool(st.transfer_learning and self.stage > 0)))
         self.started = True
         self.log(f"stage {self.stage + 1}/{len(cfg.stages)} {st.name}: {'x'.join(map(str, dims))}, "
@@ -270,8 +274,8 @@ class Trainer:
         kw = dict(stencil=cfg.stencil, boundary=BOUNDARY)
         n_syn = self._live_count()
         self.par.shard(self)
-        bar = tqdm(total=st.steps, initial=self.step, desc=f"stage {self.stage + 1}/{len(cfg.stages)} {st.name} "
-                   f"{'x'.join(map(str, dims))}", disable=not self.progress, unit="step", leave=True)
+        bar = progress_bar(st.steps, self.step, f"stage {self.stage + 1}/{len(cfg.stages)} {st.name} "
+                           f"{'x'.join(map(str, dims))}", self.progress)
         t_stage = time.perf_counter()
         with torch.no_grad():
             while self.step < st.steps:
@@ -285,7 +289,7 @@ class Trainer:
                 s_new = self.par.propagate(self, self.s, self.x, leak=cfg.leak, activation="tanh", **kw)
                 y = ops.activity(self.s, s_new)
                 if prof.lr_multiplier > 0:
-                    lr = prof.lr_multiplier if self.amp is None else prof.lr_multiplier * self.amp
+                    lr = prof.lr_multiplier if self.lr_amplification is None else prof.lr_multiplier * self.lr_amplification
                     w_before = self.w.clone() if self.factor is not None else None
                     self.par.plasticity_step_(self, y, rule, lr_scale=lr, activity_threshold=thr, **kw)
                     if w_before is not None:
@@ -325,8 +329,7 @@ class Trainer:
         return True
 
     def _live_count(self) -> int:
-        geom = Geometry(make_stencil(self.cfg.stencil), parse_boundary(BOUNDARY))
-        live = live_synapses(self.mask, geom, tuple(self.w.shape[1:]), self.w.device)
+        live = live_synapses(self.mask, geometry("trainer", self.cfg.stencil, BOUNDARY), tuple(self.w.shape[1:]), self.w.device)
         return int(self.w.numel() if live is None else live.sum())
 
     def _held_bytes(self) -> int:
@@ -334,7 +337,7 @@ class Trainer:
         holds (state, drive, weights, mask, traces, θ, cluster factors, lr
         scale) plus one step's s'; on CUDA ``torch.cuda.max_memory_allocated``.
         (``process_peak_rss_bytes`` in the report is the whole process's peak.)"""
-        ts = [self.w, self.mask, self.s, self.x, self.factor, self.amp, self.clusters, self.y_prev,
+        ts = [self.w, self.mask, self.s, self.x, self.factor, self.lr_amplification, self.clusters, self.y_prev,
               self.pstate.x_pre, self.pstate.x_post, self.pstate.theta]
         held = sum(t.numel() * t.element_size() for t in ts if t is not None)
         if torch.cuda.is_available() and self.w.is_cuda:
@@ -371,7 +374,7 @@ class Trainer:
             if self.y_prev is not None:
                 h["branching_ratio"] = float(branching_ratio(self.par.full_activity(self.y_prev) > thr, y > thr))
             if self.cfg.amplification > 0:
-                self.amp = (1.0 + self.cfg.amplification * saliency(field)).to(torch.float32).contiguous()
+                self.lr_amplification = (1.0 + self.cfg.amplification * saliency(field)).to(torch.float32).contiguous()
         rec["history"].append(h)
         rec["monitor_seconds"] += time.perf_counter() - t0
 

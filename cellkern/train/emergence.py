@@ -24,6 +24,8 @@ import numbers
 
 import torch
 
+from ..contract import accumulation_dtype
+
 __all__ = ["power_spectrum", "emergence_metrics", "branching_ratio", "saliency", "weight_field"]
 
 
@@ -33,7 +35,7 @@ def _field(op, f):
                          f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
     if f.is_complex():
         raise ValueError(f"{op}: f must be real, got {f.dtype}")
-    return f.detach().to(torch.float64 if f.dtype == torch.float64 else torch.float32)
+    return f.detach().to(accumulation_dtype(f.dtype))
 
 
 def _top_m(op, top_m):
@@ -47,7 +49,7 @@ def power_spectrum(f: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> import torch
-        >>> from cellkern.emergence import power_spectrum
+        >>> from cellkern.train.emergence import power_spectrum
         >>> float(power_spectrum(torch.ones(4, 4, 4)).sum())
         0.0
     """
@@ -80,7 +82,7 @@ def emergence_metrics(f: torch.Tensor, top_m: int = 8) -> dict:
 
     Example:
         >>> import math, torch
-        >>> from cellkern.emergence import emergence_metrics
+        >>> from cellkern.train.emergence import emergence_metrics
         >>> x = torch.arange(16.0)
         >>> f = torch.cos(2 * math.pi * x / 4).expand(4, 4, 16)
         >>> round(emergence_metrics(f)["dominant_wavelength"], 6)
@@ -128,7 +130,7 @@ def branching_ratio(active_t: torch.Tensor, active_t1: torch.Tensor) -> float:
 
     Example:
         >>> import torch
-        >>> from cellkern.emergence import branching_ratio
+        >>> from cellkern.train.emergence import branching_ratio
         >>> a = torch.zeros(10, dtype=torch.bool); b = a.clone(); a[:4] = True; b[:6] = True
         >>> branching_ratio(a.view(1, 1, 10), b.view(1, 1, 10))
         1.5
@@ -180,7 +182,7 @@ def weight_field(w: torch.Tensor, mask=None) -> torch.Tensor:
 
     Example:
         >>> import torch
-        >>> from cellkern.emergence import weight_field
+        >>> from cellkern.train.emergence import weight_field
         >>> float(weight_field(-torch.ones(6, 2, 2, 2))[0, 0, 0])
         6.0
     """
@@ -188,7 +190,7 @@ def weight_field(w: torch.Tensor, mask=None) -> torch.Tensor:
     if not isinstance(w, torch.Tensor) or w.dim() != 4 or not w.is_floating_point():
         raise ValueError(f"{op}: w must be a float tensor (K, D, H, W), got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-    a = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).abs()
+    a = w.detach().to(accumulation_dtype(w.dtype)).abs()
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
             raise ValueError(f"{op}: mask must be a bool tensor shaped like w {tuple(w.shape)}, got "

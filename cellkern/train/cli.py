@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import click
 
@@ -18,7 +16,7 @@ def main() -> None:
 @main.command()
 def info() -> None:
     """Print the version, the backends (and why any is missing) and the devices."""
-    from .info import describe
+    from ..info import describe
 
     click.echo(describe())
 
@@ -42,9 +40,9 @@ def _config(path):
 def run(config_path, out, resume, progress, parallel) -> None:
     """Run the staged schedule (the main job) and write its report.
 
-    On several processes: torchrun --nproc-per-node 2 -m cellkern.cli run --parallel data
+    On several processes: torchrun --nproc-per-node 2 -m cellkern.train.cli run --parallel data
     (or domain); the result equals the one-process run, rank 0 writes the files."""
-    from .parallel import init_from_env, shutdown
+    from .layouts import init_from_env, shutdown
     from .report import summary_table
     from .trainer import Trainer
 
@@ -53,7 +51,7 @@ def run(config_path, out, resume, progress, parallel) -> None:
         raise click.UsageError(f"started on {world} processes: choose --parallel data or --parallel domain")
     if parallel is not None and world == 1 and "WORLD_SIZE" not in os.environ:
         raise click.UsageError(f"--parallel {parallel} runs under torchrun, e.g. "
-                               f"`torchrun --nproc-per-node 2 -m cellkern.cli run --parallel {parallel}`")
+                               f"`torchrun --nproc-per-node 2 -m cellkern.train.cli run --parallel {parallel}`")
     try:
         if resume:
             if config_path:
@@ -78,9 +76,9 @@ def run(config_path, out, resume, progress, parallel) -> None:
 def plan(budget, config_path) -> None:
     """Per stage: dims, cells, synapses and estimated memory under a budget,
     and the largest preset that fits."""
-    from .memory import fit_dims, parse_bytes
+    from ..memory import fit_dims, parse_bytes
     from .planning import fit_stage, stage_estimate, stage_memory_config
-    from .stencil import stencil as make_stencil
+    from ..stencil import stencil as make_stencil
 
     try:
         cfg = _config(config_path)
@@ -107,23 +105,6 @@ def plan(budget, config_path) -> None:
                    f"({math.prod(best):,} cells)")
     except ValueError as exc:
         click.echo(f"no preset fits: {exc}")
-
-
-@main.command()
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(1), help="propagation steps")
-def demo(steps: int) -> None:
-    """Run the small propagation demo on an embedded glyph."""
-    from .demo import main as run_demo
-
-    run_demo(steps=steps)
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("suite", default="propagate", type=click.Choice(["propagate", "plasticity", "memory"]))
-@click.pass_context
-def bench(ctx: click.Context, suite: str) -> None:
-    """Run a benchmark suite (extra options go to ``python -m benchmarks.SUITE``)."""
-    sys.exit(subprocess.call([sys.executable, "-m", f"benchmarks.{suite}", *ctx.args]))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import numbers
 
 import torch
 
-from .backends.reference import shift
-from .ops import validation as V
-from .ops.propagate import _geometry
+from .. import validation
+from ..contract import accumulation_dtype
+from ..stencil import geometry, shift
 
 __all__ = ["spherical_kmeans", "cluster_cells", "coordination_factor", "coordinate_"]
 
@@ -52,7 +52,7 @@ def spherical_kmeans(x: torch.Tensor, k: int = 8, seed: int = 0, iters: int = 20
 
     Example:
         >>> import torch
-        >>> from cellkern.clustering import spherical_kmeans
+        >>> from cellkern.train.clustering import spherical_kmeans
         >>> x = torch.tensor([[1.0, 0.1], [0.9, 0.0], [0.0, 1.0], [0.1, 0.8]])
         >>> spherical_kmeans(x, k=2)[0].tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
         True
@@ -118,7 +118,7 @@ def cluster_cells(w: torch.Tensor, activity=None, k: int = 8, seed: int = 0, *, 
         ``(labels [D, H, W] int64, centroids [k, K or K + 1])``.
     """
     op = "cluster_cells"
-    V.check_tensor(op, "w", w)
+    validation.check_tensor(op, "w", w)
     if w.dim() != 4 or not w.is_floating_point():
         raise ValueError(f"{op}: w must be a float tensor (K, D, H, W), got shape {tuple(w.shape)} of {w.dtype}")
     K, dims = w.shape[0], tuple(w.shape[1:])
@@ -155,18 +155,18 @@ def coordination_factor(labels: torch.Tensor, kappa: float, *, stencil="moore", 
 
     Example:
         >>> import torch
-        >>> from cellkern.clustering import coordination_factor
+        >>> from cellkern.train.clustering import coordination_factor
         >>> f = coordination_factor(torch.zeros(3, 3, 3, dtype=torch.long), 0.2, stencil="von_neumann")
         >>> f.shape, float(f.min()), float(f.max())
         (torch.Size([6, 3, 3, 3]), 1.2000000476837158, 1.2000000476837158)
     """
     op = "coordination_factor"
-    geom = _geometry(op, stencil, boundary)
+    geom = geometry(op, stencil, boundary)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point() \
             or labels.dtype == torch.bool:
         raise ValueError(f"{op}: labels must be an integer tensor (D, H, W), got "
                          f"{(tuple(labels.shape), labels.dtype) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    kappa = V.check_real(op, "kappa", kappa, nonneg=True)
+    kappa = validation.check_real(op, "kappa", kappa, nonneg=True)
     if kappa > 1:
         raise ValueError(f"{op}: kappa must be in [0, 1] (1 − κ scales cross-cluster LTP), got {kappa}")
     out = torch.empty((geom.K,) + tuple(labels.shape), dtype=torch.float32, device=labels.device)
@@ -201,7 +201,7 @@ def coordinate_(w: torch.Tensor, w_before: torch.Tensor, factor: torch.Tensor, *
     """
     op = "coordinate_"
     for name, t in (("w", w), ("w_before", w_before), ("factor", factor)):
-        V.check_tensor(op, name, t)
+        validation.check_tensor(op, name, t)
     if w.dim() != 4 or not w.is_floating_point():
         raise ValueError(f"{op}: w must be a float tensor (K, D, H, W), got shape {tuple(w.shape)} of {w.dtype}")
     if w_before.shape != w.shape or w_before.dtype != w.dtype:
@@ -211,11 +211,11 @@ def coordinate_(w: torch.Tensor, w_before: torch.Tensor, factor: torch.Tensor, *
         torch.broadcast_shapes(factor.shape, w.shape)
     except RuntimeError:
         raise ValueError(f"{op}: factor must be broadcastable to {tuple(w.shape)}, got {tuple(factor.shape)}") from None
-    lo, hi = V.check_bounds(op, "w_min", w_min, "w_max", w_max)
+    lo, hi = validation.check_bounds(op, "w_min", w_min, "w_max", w_max)
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape):
         raise ValueError(f"{op}: mask must be a bool tensor shaped like w {tuple(w.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(w.dtype)
     before = w_before.to(acc)
     dw = w.to(acc) - before
     ltp = dw > 0

@@ -1,22 +1,34 @@
-"""Decoder monitoring (SPEC §9): a closed-form ridge readout refitted on a rolling buffer.
+"""The readout and the decoder monitor (SPEC §9, §12).
+
+The lattice as a feature map: input images drive the input face (z = 0),
+channel c with gain ``input_gain · (c + 1) / C`` (so the channels see one
+image at different strengths and saturate differently under tanh). A
+presentation starts from the zero state and runs ``T`` propagation steps;
+the features are the output face (z = D−1) average-pooled to ``POOL × POOL``
+per channel. :func:`lattice_features` runs presentations without plasticity
+(the final quality comparison); the trainer uses :func:`drive` and
+:func:`face_features` on its own training presentations, so the monitor
+costs no extra propagation.
 
 :class:`RidgeDecoder` is ridge regression in closed form on standardised
 features with a bias: one-hot targets and an argmax for labels, the vectors
-themselves for regression. :class:`DecoderMonitor` keeps the last ``buffer``
-(features, target) pairs seen in training, refits the decoder on them every
-``every`` steps and scores it on held-out samples, timing itself so that its
-share of the training time can be reported.
+themselves for regression. :class:`PrequentialDecoder` is the monitor's
+decoder: it scores each new batch of training presentations with the fit of
+the previous monitor point (samples it never saw), then refits on a rolling buffer.
 """
 from __future__ import annotations
 
 import math
 import numbers
-import time
 from typing import Optional
 
 import torch
+import torch.nn.functional as functional
 
-__all__ = ["RidgeDecoder", "DecoderMonitor"]
+from .. import ops
+
+__all__ = ["POOL", "BOUNDARY", "drive", "face_features", "lattice_features", "RidgeDecoder",
+           "PrequentialDecoder"]
 
 
 def _check_xy(op, X, y=None, F=None):
@@ -50,7 +62,7 @@ class RidgeDecoder:
 
     Example:
         >>> import torch
-        >>> from cellkern.monitor import RidgeDecoder
+        >>> from cellkern.train.monitor import RidgeDecoder
         >>> X = torch.randn(100, 5); y = (X[:, 0] > 0).long()
         >>> RidgeDecoder(alpha=0.1).fit(X, y).score(X, y) > 0.9
         True
@@ -122,94 +134,82 @@ class RidgeDecoder:
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
 
 
-class DecoderMonitor:
-    """A ridge decoder refitted every ``every`` steps on the last ``buffer`` training samples.
+#: the output face is average-pooled to POOL × POOL per channel
+POOL = 8
+#: z carries the input → output direction and must not wrap; x, y wrap
+BOUNDARY = ("zero", "periodic", "periodic")
 
-    Use: ``observe`` the output-face features and targets of each training
-    batch; when ``due(step)``, ``evaluate`` refits :class:`RidgeDecoder` on
-    the buffer and returns its score on held-out features (accuracy for
-    labels, R² for vectors). ``seconds`` is the wall time spent inside the
-    monitor (observe + evaluate), for the overhead report; ``history`` holds
-    ``(step, score)`` of every evaluation given a step.
 
-    Args:
-        every: evaluation period in steps (> 0). Default: 50.
-        buffer: the rolling buffer's capacity in samples (> 0). Default: 512.
-        alpha: the ridge penalty. Default: 1.0.
-        n_classes: passed to the decoder. Default: None.
+def drive(faces: torch.Tensor, channels: int, depth: int, gain: float) -> torch.Tensor:
+    """The external drive ``[B, C, D, H, W]``: ``faces`` ``[B, H, W]`` on z = 0, zero elsewhere."""
+    B, H, W = faces.shape
+    x = faces.new_zeros(B, channels, depth, H, W)
+    g = gain * torch.arange(1, channels + 1, dtype=faces.dtype, device=faces.device) / channels
+    x[:, :, 0] = g.view(1, -1, 1, 1) * faces[:, None]
+    return x
 
-    Example:
-        >>> import torch
-        >>> from cellkern.monitor import DecoderMonitor
-        >>> m = DecoderMonitor(every=10, buffer=64)
-        >>> X = torch.randn(200, 4); y = (X[:, 1] > 0).long()
-        >>> for b in range(0, 200, 20):
-        ...     m.observe(X[b:b + 20], y[b:b + 20])
-        >>> m.due(10), m.size
-        (True, 64)
-        >>> m.evaluate(X, y) > 0.9
-        True
+
+def face_features(s: torch.Tensor) -> torch.Tensor:
+    """``[B, C·POOL·POOL]`` features of the output face of ``s`` ``[B, C, D, H, W]``."""
+    face = s[:, :, -1].to(torch.float32)
+    return functional.adaptive_avg_pool2d(face, (min(POOL, face.shape[-2]), min(POOL, face.shape[-1]))).flatten(1)
+
+
+@torch.no_grad()
+def lattice_features(faces: torch.Tensor, w, mask, *, channels: int, steps: int, gain: float, leak: float,
+                     stencil: str, chunk: int) -> torch.Tensor:
+    """Features of every image in ``faces`` ``[N, H, W]`` (already on the face
+    grid): a presentation of ``steps`` propagation steps each, ``chunk`` images at a time."""
+    D = w.shape[1]
+    out = []
+    for i in range(0, faces.shape[0], chunk):
+        x = drive(faces[i:i + chunk], channels, D, gain)
+        s = torch.zeros_like(x)
+        for _ in range(steps):
+            s = ops.propagate(s, w, mask, x=x, leak=leak, activation="tanh", stencil=stencil, boundary=BOUNDARY)
+        out.append(face_features(s))
+    return torch.cat(out)
+
+
+class PrequentialDecoder:
+    """The monitor's ridge readout on a rolling buffer (SPEC §9).
+
+    Training presentations add (features, label) pairs. At each monitor point
+    the decoder fitted at the previous point scores the pairs that arrived
+    since — samples it never saw, hence held out — and is then refitted on
+    the last ``buffer`` pairs. The first point only fits (accuracy None).
     """
 
-    def __init__(self, every: int = 50, buffer: int = 512, alpha: float = 1.0, n_classes: Optional[int] = None):
-        for name, v in (("every", every), ("buffer", buffer)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"DecoderMonitor: {name} must be a positive int, got {v!r}")
-        self.every, self.capacity = int(every), int(buffer)
-        self.decoder = RidgeDecoder(alpha, n_classes)
-        self._x = self._y = None
-        self._pos = 0  # next slot to write
-        self.size = 0  # valid samples in the buffer
-        self.seen = 0
-        self.seconds = 0.0
-        self.history = []
+    def __init__(self, buffer: int = 512, alpha: float = 1.0, n_classes=None):
+        if isinstance(buffer, bool) or not isinstance(buffer, numbers.Integral) or buffer < 1:
+            raise ValueError(f"PrequentialDecoder: buffer must be a positive int, got {buffer!r}")
+        RidgeDecoder(alpha, n_classes)  # checks alpha and n_classes
+        self.buffer, self.alpha, self.n_classes = int(buffer), float(alpha), n_classes
+        self.x: list = []
+        self.y: list = []
+        self.new = 0
+        self.decoder = None
 
-    def due(self, step: int) -> bool:
-        """True at every positive multiple of ``every``."""
-        return step > 0 and step % self.every == 0
+    def observe(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        self.x.append(feats.detach().to(torch.float32).cpu())
+        self.y.append(labels.detach().cpu())
+        self.new += feats.shape[0]
+        n = sum(t.shape[0] for t in self.x)
+        while self.x and n - self.x[0].shape[0] >= self.buffer:
+            n -= self.x.pop(0).shape[0]
+            self.y.pop(0)
 
-    def observe(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        """Append a batch ``features [B, F]``, ``targets [B]`` (labels) or ``[B, d]``;
-        the oldest samples drop out once ``buffer`` are held."""
-        t0 = time.perf_counter()
-        _check_xy("DecoderMonitor.observe", features, targets, F=None if self._x is None else self._x.shape[1])
-        x, y = features.detach(), targets.detach()
-        if self._y is not None and (y.shape[1:] != self._y.shape[1:] or y.is_floating_point() !=
-                                    self._y.is_floating_point()):
-            raise ValueError(f"DecoderMonitor.observe: targets must be shaped (B,{''.join(f' {d}' for d in self._y.shape[1:])}) "
-                             f"like the first batch, got {tuple(y.shape)}")
-        if self._x is None:
-            self._x = x.new_empty((self.capacity, x.shape[1]), dtype=torch.float32)
-            self._y = y.new_empty((self.capacity,) + tuple(y.shape[1:]))
-        self.seen += x.shape[0]
-        if x.shape[0] > self.capacity:
-            x, y = x[-self.capacity:], y[-self.capacity:]
-        n = x.shape[0]
-        first = min(n, self.capacity - self._pos)
-        self._x[self._pos:self._pos + first] = x[:first]
-        self._y[self._pos:self._pos + first] = y[:first]
-        if n > first:
-            self._x[:n - first] = x[first:]
-            self._y[:n - first] = y[first:]
-        self._pos = (self._pos + n) % self.capacity
-        self.size = min(self.capacity, self.size + n)
-        self.seconds += time.perf_counter() - t0
-
-    def contents(self) -> tuple:
-        """The buffered ``(features, targets)``, oldest first."""
-        if self.size < self.capacity:
-            return self._x[:self.size], self._y[:self.size]
-        order = torch.arange(self._pos, self._pos + self.capacity, device=self._x.device) % self.capacity
-        return self._x[order], self._y[order]
-
-    def evaluate(self, features: torch.Tensor, targets: torch.Tensor, step: Optional[int] = None) -> float:
-        """Refit the decoder on the buffer and score it on held-out ``features``, ``targets``."""
-        t0 = time.perf_counter()
-        if self.size == 0:
-            raise ValueError("DecoderMonitor.evaluate: the buffer is empty; observe training samples first")
-        X, y = self.contents()
-        score = self.decoder.fit(X, y).score(features, targets)
-        if step is not None:
-            self.history.append((int(step), score))
-        self.seconds += time.perf_counter() - t0
-        return score
+    def evaluate(self) -> tuple:
+        """``(accuracy, n)``: the previous fit's held-out accuracy on the ``n``
+        new samples (None, 0 without a previous fit or new samples); then refit."""
+        if not self.x:
+            return None, 0
+        X, Y = torch.cat(self.x), torch.cat(self.y)
+        acc, k = None, 0
+        if self.decoder is not None and self.new > 0:
+            k = min(self.new, X.shape[0])
+            acc = float(self.decoder.score(X[-k:], Y[-k:]))
+        if torch.unique(Y).numel() > 1:
+            self.decoder = RidgeDecoder(alpha=self.alpha, n_classes=self.n_classes).fit(X, Y)
+        self.new = 0
+        return acc, k

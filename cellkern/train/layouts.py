@@ -35,9 +35,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .distributed import ZSlabs, data_parallel_plasticity_step_
-from .readout import BOUNDARY, face_features
+from .. import ops
+from ..distributed import ZSlabs, data_parallel_plasticity_step_
+from .monitor import BOUNDARY, face_features
 
 __all__ = ["MODES", "Local", "DataParallel", "DomainParallel", "make_layout", "init_from_env", "shutdown"]
 

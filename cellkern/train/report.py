@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from .readout import lattice_features
-from .schedule import resample_field
+from .monitor import lattice_features
+from .transfer import resample_field
 
 __all__ = ["evaluate_quality", "build_report", "write_report", "summary_table"]
 
@@ -61,7 +61,10 @@ def evaluate_quality(trainer) -> dict:
     w0 = resample_field(trainer.w_initial, (D, H, W)).clamp_(cfg.rule.w_min, cfg.rule.w_max)
     mask0 = None
     if st.sparse_keep < 1:
-        w0, mask0 = trainer._prune(w0, None, st.sparse_keep)
+        from .trainer import prune_stage
+
+        w0, mask0 = prune_stage(w0, None, st.sparse_keep, stencil=cfg.stencil, w_min=cfg.rule.w_min,
+                                w_max=cfg.rule.w_max)
     for name, w, mask in (("trained", trainer.w, trainer.mask), ("untrained", w0, mask0)):
         xtr = lattice_features(ftr, w, mask, **kw)
         xte = lattice_features(fte, w, mask, **kw)
@@ -74,7 +77,7 @@ def evaluate_quality(trainer) -> dict:
 
 def build_report(trainer) -> dict:
     """The report dict of a finished run (runs :func:`evaluate_quality`)."""
-    from . import __version__
+    from .. import __version__
 
     stages = [{k: v for k, v in r.items() if not k.startswith("_")} for r in trainer.records]
     train = sum(r["train_seconds"] for r in trainer.records)

@@ -30,10 +30,51 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
+from ..rules import BCM, STDP, THETA0, Competition, PlasticityRule
+from ..stencil import NAMED_STENCILS
+
 __all__ = ["StageConfig", "RuleConfig", "ScheduleConfig", "load_config", "save_config", "config_from_dict"]
 
-PROFILES = ("discovery", "learning", "consolidation", "freeze")
-STENCILS = ("von_neumann", "moore18", "moore")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The numeric parameters behind a profile name.
+
+    Attributes:
+        lr_multiplier: scales every learning rate (0: no plasticity).
+        activity_threshold: θ_act when the stage sets none.
+        competition: β, the lateral inhibition strength.
+        tau_theta: τ_θ of BCM, in steps.
+    """
+
+    name: str
+    lr_multiplier: float
+    activity_threshold: float
+    competition: float
+    tau_theta: float
+
+
+#: discovery explores (full rate, weak competition, a fast-moving θ); later
+#: profiles learn slower with stronger competition and a slower θ.
+PROFILE_TABLE = {
+    "discovery": Profile("discovery", 1.0, 0.01, 0.3, 500.0),
+    "learning": Profile("learning", 0.5, 0.02, 0.5, 1000.0),
+    "consolidation": Profile("consolidation", 0.2, 0.05, 0.8, 2000.0),
+    "freeze": Profile("freeze", 0.0, 0.1, 0.8, 2000.0),
+}
+
+
+def profile(name: str) -> Profile:
+    """The :class:`Profile` of ``name`` (``discovery``, ``learning``, ``consolidation``, ``freeze``)."""
+    if name not in PROFILE_TABLE:
+        raise ValueError(f"profile: name must be one of {', '.join(PROFILES)}, got {name!r}")
+    return PROFILE_TABLE[name]
+
+
+PROFILES = tuple(PROFILE_TABLE)
+#: the named stencils a schedule may use (radius(r) stencils are for the ops)
+SCHEDULE_STENCILS = tuple(n for n in NAMED_STENCILS if n != "radius(r)")
 
 
 def _where(ctx: str, key: str) -> str:
@@ -98,7 +139,7 @@ class StageConfig:
             output face. Default: (16, 16, 16).
         steps: lattice steps (one propagation + one plasticity step each). Default: 400.
         plasticity_profile: ``discovery``, ``learning``, ``consolidation`` or
-            ``freeze`` (:func:`cellkern.schedule.profile`). Default: ``"learning"``.
+            ``freeze`` (:func:`cellkern.train.config.profile`). Default: ``"learning"``.
         activity_threshold: θ_act of the stage; None takes the profile's. Default: None.
         clustering_enabled: spherical k-means of the cells every
             ``cluster_every`` steps, and cluster-coordinated LTP (SPEC §6). Default: False.
@@ -157,16 +198,16 @@ class RuleConfig:
         theta0: the BCM threshold's start value θ₀. Default: 0.01.
     """
 
-    stdp_lr: float = 0.01
-    a_plus: float = 0.01
-    a_minus: float = 0.01
-    tau_plus: float = 20.0
-    tau_minus: float = 20.0
-    bcm_lr: float = 0.01
+    stdp_lr: float = STDP.lr
+    a_plus: float = STDP.a_plus
+    a_minus: float = STDP.a_minus
+    tau_plus: float = STDP.tau_plus
+    tau_minus: float = STDP.tau_minus
+    bcm_lr: float = BCM.lr
     w_min: float = 0.1
     w_max: float = 2.0
     w_init: float = 0.3
-    theta0: float = 0.01
+    theta0: float = THETA0
 
     def validate(self, ctx: str = "rule") -> "RuleConfig":
         for f in fields(self):
@@ -179,9 +220,30 @@ class RuleConfig:
 
 
 def default_stages() -> list:
-    from .schedule import default_stages as stages
+    """The default schedule of SPEC §8 (16³ → 40×40×30), with step counts
+    sized so that ``make demo`` finishes in a few minutes on two CPU cores."""
+    return [
+        StageConfig("discovery", (16, 16, 16), 600, "discovery", 0.01, clustering_enabled=False, sparse_keep=1.0),
+        StageConfig("learning", (20, 20, 20), 600, "learning", 0.02, clustering_enabled=False, sparse_keep=1.0),
+        StageConfig("learning-clustered", (24, 24, 24), 600, "learning", 0.03, clustering_enabled=True, sparse_keep=1.0),
+        StageConfig("consolidation", (24, 32, 32), 400, "consolidation", 0.05, clustering_enabled=True, sparse_keep=0.3),
+        StageConfig("freeze", (30, 40, 40), 180, "freeze", 0.1, clustering_enabled=True, sparse_keep=0.3),
+    ]
 
-    return stages()
+
+def make_rule(base: RuleConfig, prof: Profile, activity_threshold: Optional[float] = None) -> PlasticityRule:
+    """The :class:`~cellkern.PlasticityRule` of a stage: the base rule with the
+    profile's competition and τ_θ; the learning-rate multiplier is applied by
+    the trainer as ``lr_scale``."""
+    thr = prof.activity_threshold if activity_threshold is None else activity_threshold
+    return PlasticityRule(
+        stdp=STDP(lr=base.stdp_lr, a_plus=base.a_plus, a_minus=base.a_minus,
+                  tau_plus=base.tau_plus, tau_minus=base.tau_minus),
+        bcm=BCM(lr=base.bcm_lr, tau_theta=prof.tau_theta),
+        competition=Competition(beta=prof.competition) if prof.competition > 0 else None,
+        activity_threshold=thr, w_min=base.w_min, w_max=base.w_max)
+
+
 
 
 @dataclass
@@ -190,7 +252,7 @@ class ScheduleConfig:
 
     Args:
         stages: the :class:`StageConfig` list. Default: the schedule of SPEC §8
-            (:func:`cellkern.schedule.default_stages`).
+            (:func:`default_stages`).
         stencil: ``von_neumann``, ``moore18`` or ``moore``. Default: ``"moore"``.
         channels: C, channels per cell; the input drives channel c with gain
             ``input_gain · (c + 1) / C``. Default: 4.
@@ -250,7 +312,7 @@ class ScheduleConfig:
             if not isinstance(st, StageConfig):
                 raise TypeError(f"config: stages[{i}] must be a StageConfig, got {type(st).__name__}")
             st.validate(f"stages[{i}]")
-        _check("", "stencil", self.stencil, str, choices=STENCILS)
+        _check("", "stencil", self.stencil, str, choices=SCHEDULE_STENCILS)
         for key in ("channels", "monitor_every", "batch", "present_steps", "cluster_every", "clusters",
                     "decoder_buffer", "eval_samples"):
             _check("", key, getattr(self, key), int, positive=True)
@@ -275,7 +337,7 @@ class ScheduleConfig:
         """The budget in bytes (None: no budget given)."""
         if self.budget is None or isinstance(self.budget, int):
             return self.budget
-        from .memory import parse_bytes
+        from ..memory import parse_bytes
 
         return parse_bytes(self.budget)
 
