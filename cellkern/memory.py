@@ -6,7 +6,7 @@ allocate it (``ck.ops.propagate`` → ``ck.ops.activity`` →
 
 * **held for the whole run** — the state ``s`` ``(B, C, D, H, W)``, the external
   drive (shaped like ``s``), the weights ``(K, D, H, W)`` and their mask (dense
-  with ``keep < 1``) or the ELL pair of SPEC §5 (``Kmax = ⌈keep·K⌉`` slots of
+  with ``keep < 1``) or the ELL pair of SPEC §5 (``Kmax = floor(keep·K + 1/2)`` slots of
   weights + ``uint8`` offset indices), the STDP traces ``x_pre, x_post``
   ``(B, D, H, W)``, θ ``(D, H, W)``, optimizer buffers, and the CPU kernel's
   inhibition scratch (``csrc/cpu/plasticity.cpp`` keeps one ``(B, D, H, W)``
@@ -80,7 +80,7 @@ class MemoryConfig:
         batch: B. Default: 1.
         channels: C, channels per cell. Default: 1.
         keep: the live fraction of synapses after pruning, in (0, 1]; below 1 a
-            dense run holds a bool mask, an ELL run ``⌈keep·K⌉`` slots. Default: 1.
+            dense run holds a bool mask, an ELL run ``floor(keep·K + 1/2)`` slots (``ck.sparse.keep_count``). Default: 1.
         sparse_format: ``"dense"`` (``w`` + mask) or ``"ell"`` (SPEC §5). Default: dense.
         autograd: gradient training through ``propagate_steps``. Default: False.
         steps: T, the unrolled updates of one backward (autograd only). Default: 1.
@@ -153,10 +153,10 @@ class MemoryConfig:
 
     @property
     def slots(self) -> int:
-        """Weight slots per cell: K (dense) or ``Kmax = ⌈keep·K⌉`` (ELL)."""
+        """Weight slots per cell: K (dense) or ``Kmax = floor(keep·K + 1/2)`` (ELL: what ``ck.sparse.prune`` keeps)."""
         if self.sparse_format == "dense":
             return self.K
-        return max(1, math.ceil(self.keep * self.K - 1e-9))
+        return max(1, math.floor(self.keep * self.K + 0.5))
 
 
 def _check_dims(op, dims):

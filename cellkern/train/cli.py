@@ -76,7 +76,10 @@ def run(config_path, out, resume, progress, parallel) -> None:
 def plan(budget, config_path) -> None:
     """Per stage: dims, cells, synapses and estimated memory under a budget,
     and the largest preset that fits."""
+    import torch
+
     from ..memory import fit_dims, parse_bytes
+    from ..sparse import keep_count
     from .planning import fit_stage, stage_estimate, stage_memory_config
     from ..stencil import stencil as make_stencil
 
@@ -98,7 +101,7 @@ def plan(budget, config_path) -> None:
         except ValueError:
             fits = "no (nothing fits)"
         click.echo(f"{st.name:<20} {'x'.join(map(str, st.dims)):>12} {cells:>12,} "
-                   f"{math.ceil(st.sparse_keep * K) * cells:>14,} {need / 2**20:>10.1f} MiB  {fits}")
+                   f"{int(keep_count(torch.tensor(K), st.sparse_keep)) * cells:>14,} {need / 2**20:>10.1f} MiB  {fits}")
     try:
         best = fit_dims(budget_bytes, stage_memory_config(cfg, cfg.stages[-1]))
         click.echo(f"largest preset that fits (last stage's settings): {'x'.join(map(str, best))} "

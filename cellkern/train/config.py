@@ -147,8 +147,9 @@ class StageConfig:
             extract features in chunks of ``batch`` samples. Default: True.
         emergence_tracking: emergence metrics at every monitor point and
             pattern amplification, lr × (1 + γ·saliency) (SPEC §7). Default: True.
-        sparse_keep: at the stage start keep this share of each cell's live
-            synapses (magnitude pruning); 1 keeps all. Default: 1.0.
+        sparse_keep: at the stage start each cell keeps this share of its
+            in-lattice stencil synapses, the largest by magnitude
+            (``ck.sparse.prune(..., of="stencil")``); 1 keeps all. Default: 1.0.
         progressive_scaling: dims that do not fit the memory budget are reduced
             along the progression (True) or stop the run with an error (False). Default: True.
         decoder_monitoring: the ridge decoder on the output face every

@@ -6,7 +6,8 @@ Each stage, top to bottom:
    ``ck.PROGRESSION`` and the log says so);
 2. transfer — weights per offset, θ and mask resampled from the previous
    stage (or fresh weights), traces reset — then pruning when ``sparse_keep < 1``
-   (each cell keeps its largest ``⌈keep·K⌉`` synapses, scaled up to the cell's Σ|w|);
+   (each cell keeps its largest ``floor(keep·K_cell + 1/2)`` of its ``K_cell`` in-lattice synapses —
+   ``ck.sparse.prune(..., of="stencil")`` — scaled up to the cell's Σ|w|);
 3. ``steps`` lattice steps. Every ``present_steps`` steps a new batch of B
    training images drives the input face from the zero state. One step is
    ``s' = propagate(s, w, mask, x)``, then, unless the profile is ``freeze``,
