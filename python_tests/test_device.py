@@ -183,3 +183,47 @@ def test_parallel_runs_stay_on_the_cpu(monkeypatch):
     monkeypatch.setattr(trainer_mod, "resolve_device", lambda device: torch.device("cuda", 0))
     with pytest.raises(ValueError, match=r"parallel='data' runs its processes on the CPU .* device must be \"cpu\""):
         Trainer(tiny_config(device="cuda"), progress=False, log=lambda m: None, parallel="data")
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _diverged(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of weights that differ by more than 1e-4 (kernels of two devices
+    round differently, and a near-tie of the winners then decides a cell apart)."""
+    return float(((a.double().cpu() - b.double().cpu()).abs() > 1e-4).float().mean())
+
+
+@GPU
+def test_cuda_run_matches_the_cpu_run():
+    """The tiny run on the GPU: every tensor there, and the weights of the CPU run up to rounding."""
+    from trainer_utils import run_stages
+
+    gpu, cpu = run_stages(tiny_config(device="cuda")), run_stages(tiny_config(device="cpu"))
+    for name in Trainer._TENSORS:
+        v = getattr(gpu, name)
+        assert v is None or v.is_cuda, name
+    assert gpu.pstate.theta.is_cuda and gpu.x.is_cuda and gpu.batch_y.is_cuda
+    assert gpu.records[-1]["peak_memory_bytes"] > 0
+    assert _diverged(gpu.w, cpu.w) < 1e-3 and float((gpu.mask.cpu() == cpu.mask).float().mean()) > 0.99
+
+
+@GPU
+def test_cuda_checkpoint_resumes_on_the_cpu_and_back(tmp_path):
+    """GPU → CPU → GPU: each move of a checkpoint is exact; the resumed run ends
+    with the uninterrupted GPU run's weights up to the two devices' rounding."""
+    cfg = tiny_config(checkpoint_every=10, device="cuda")
+    whole = Trainer(cfg, progress=False, log=lambda m: None)
+    while whole.stage < len(cfg.stages):
+        whole.run_stage()
+    Trainer(cfg, tmp_path, progress=False, log=lambda m: None, stop_after=20).run()
+    saved = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    on_cpu = Trainer.resume(tmp_path, device="cpu", progress=False, log=lambda m: None, stop_after=30)
+    assert on_cpu.device.type == "cpu" and torch.equal(on_cpu.w, saved["w"]) and not on_cpu.w.is_cuda
+    on_cpu.run()
+    back = Trainer.resume(tmp_path, device="cuda", progress=False, log=lambda m: None)
+    assert back.w.is_cuda and torch.equal(back.w.cpu(), on_cpu.w)
+    back.run()
+    assert _diverged(back.w, whole.w) < 1e-3
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["device"].startswith("cuda:") and rep["config"]["device"] == "cuda"
