@@ -37,12 +37,18 @@ def test_syntax_and_dry_run_fit_the_lease(tmp_path):
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
 
 
+@needs_tools
+def test_a_build_without_time_stops_the_check(tmp_path):
+    res = _run(tmp_path / "out", {"PY": "/bin/true", "GPU_QUICK_BUDGET": "100", "GPU_QUICK_BUDGET_tests": "300"})
+    assert res.returncode == 1 and "build skipped" in res.stdout and "nothing else runs" in res.stdout
+
+
 FAKE_PY = """#!/bin/bash
 case "$*" in
   "-m benchmarks."*) echo "size DxHxW  fake table of $2";;
   "-m cellkern.train.cli"*) mkdir -p "${@: -2:1}"; echo ckpt > "${@: -2:1}/checkpoint.pt"; echo "| stage | fake |";;
   "-m pytest"*) echo "3 failed, 9 passed"; exit 1;;
-  "tools/ptxas_report.py"*) sleep 30;;
+  "tools/ptxas_report.py"*) sleep 60;;
 esac
 exit 0
 """
@@ -54,13 +60,15 @@ def test_steps_run_time_out_and_pack(tmp_path):
     fake.write_text(FAKE_PY)
     fake.chmod(0o755)
     out = tmp_path / "out"
-    res = _run(out, {"PY": str(fake), "GPU_QUICK_BUDGET": "14", "PATH": os.environ["PATH"]})
+    budgets = {f"GPU_QUICK_BUDGET_{s}": "2" for s in STEPS}
+    res = _run(out, {"PY": str(fake), "GPU_QUICK_BUDGET": "18", **budgets})
     assert res.returncode == 1, "a failing step fails the check"
     summary = (out / "summary.txt").read_text()
     for step in ("build: ok", "propagate: ok", "plasticity: ok", "largest: ok", "run: ok"):
         assert step in summary, summary
     assert "tests: FAILED (exit 1)" in summary and "3 failed, 9 passed" in summary
     assert "ptxas: TIMEOUT" in summary, "a step stops at what is left of the budget"
+    assert re.search(r"build \(timeout 1[0-2]s\)", res.stdout), "the first step gets the whole less the later budgets"
     assert "fake table of benchmarks.largest" in summary and "| stage | fake |" in summary
     assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "summary.txt"], "two files come back"
     with tarfile.open(out / "results.tgz") as tar:
