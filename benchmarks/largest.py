@@ -223,16 +223,26 @@ def run_size(dims, args, device) -> dict:
 
 
 def resolve_sizes(words, device, args) -> list:
+    """Dims for the D,H,W words and ``preset``; ``largest`` stays a word, sized
+    when its turn comes (:func:`largest_now`)."""
     cfg = memory_config(args.batch, args.channels)
     out = []
     for word in words:
         if word == "preset":
             out.append(ck.fit_dims(PRESET_BUDGET, cfg))
         elif word == "largest":
-            out.append(largest_dims(int(args.fraction * free_memory(device)), cfg))
+            out.append("largest")
         else:
             out.append(parse_size(word))
     return list(dict.fromkeys(out))
+
+
+def largest_now(rows, device, args) -> tuple:
+    """``(dims, peak/estimate used)``: the largest lattice for the memory free
+    now, the budget shrunk by the largest measured peak/estimate of the sizes
+    run before (when a peak passed its estimate) so the size does not run out."""
+    over = max([1.0] + [1 / r["estimate_over_peak"] for r in rows if r.get("estimate_over_peak")])
+    return largest_dims(int(args.fraction * free_memory(device) / over), memory_config(args.batch, args.channels)), over
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,8 +321,12 @@ def main(argv=None) -> int:
           flush=True)
     rows = []
     for dims in sizes:
+        over = None
+        if dims == "largest":
+            dims, over = largest_now(rows, device, args)
         print(f"  {'x'.join(map(str, dims))} ...", end="", flush=True)
         row = run_size(dims, args, device)
+        row["largest_sized_with_peak_over_estimate"] = over
         rows.append(row)
         print(f" {row['status']}" + (f" {row['step_ms']:.2f} ms/step" if row.get("step_ms") else ""), flush=True)
     print()

@@ -39,8 +39,19 @@ def test_largest_dims_is_the_largest_that_fits():
     a = d[2]
     assert d == (2 * a, 2 * a, a) and ck.memory_estimate(d, cfg) <= budget
     assert ck.memory_estimate((2 * a + 2, 2 * a + 2, a + 1), cfg) > budget
-    assert largest.resolve_sizes(["preset"], torch.device("cpu"), type("A", (), {"batch": 1, "channels": 1})) \
-        == [(666, 666, 333)]
+    args = type("A", (), {"batch": 1, "channels": 1, "fraction": 0.5})
+    assert largest.resolve_sizes(["preset", "largest", "8,8,4"], torch.device("cpu"), args) \
+        == [(666, 666, 333), "largest", (8, 8, 4)]
+
+
+def test_largest_shrinks_by_a_measured_peak_over_its_estimate(monkeypatch):
+    monkeypatch.setattr(largest, "free_memory", lambda device: 48 * 2**30)
+    args = type("A", (), {"batch": 1, "channels": 1, "fraction": 0.5})
+    plain, over = largest.largest_now([{"estimate_over_peak": 1.25}], torch.device("cpu"), args)
+    assert plain == largest.largest_dims(24 * 2**30, largest.memory_config(1, 1)) and over == 1.0
+    shrunk, over = largest.largest_now([{"estimate_over_peak": 0.5}, {"estimate_over_peak": None}],
+                                       torch.device("cpu"), args)
+    assert over == 2.0 and shrunk == largest.largest_dims(12 * 2**30, largest.memory_config(1, 1))
 
 
 def test_spot_check_finds_a_wrong_cell():
