@@ -7,40 +7,33 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import ScheduleConfig, StageConfig
+from .config import ScheduleConfig, StageConfig, check_device
 from .config import profile
 from ..stencil import stencil as make_stencil
 
-__all__ = ["stage_memory_config", "stage_estimate", "fit_stage", "device_memory", "resolve_device", "DEVICES"]
-
-#: the values of the config key ``device`` (and ``cellkern run --device``); ``"cuda:N"`` names one GPU
-DEVICES = ("cpu", "cuda", "auto")
+__all__ = ["stage_memory_config", "stage_estimate", "fit_stage", "device_memory", "resolve_device"]
 
 
 def resolve_device(device) -> torch.device:
     """The ``torch.device`` a run uses for the config value ``device``.
 
     ``"cpu"``; ``"cuda"`` or ``"cuda:N"`` (an error naming the key when torch
-    sees no such GPU); ``"auto"``: the current GPU when torch sees one, else the CPU.
-    A ``torch.device`` is taken as it is (after the same check).
+    sees no such GPU); ``"auto"``: the current GPU when torch sees one, else the
+    CPU. A ``torch.device`` is taken by its name.
     """
-    if isinstance(device, str) and device == "auto":
+    name = check_device(device)
+    if name == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"config: device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}") from None
+    dev = torch.device(name)
     if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
-        raise ValueError(f"config: device must be one of {', '.join(DEVICES)} or cuda:N, got {str(dev)!r}")
+        return dev
     if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"config: device is {str(dev)!r}, but torch sees no CUDA device ({why}); "
+        raise ValueError(f"config: device is {name!r}, but torch sees no CUDA device ({why}); "
                          f"use device = \"cpu\" or \"auto\" (cellkern run --device cpu)")
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"config: device is {str(dev)!r}, but torch sees {torch.cuda.device_count()} CUDA "
+        raise ValueError(f"config: device is {name!r}, but torch sees {torch.cuda.device_count()} CUDA "
                          f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return torch.device("cuda", index)
 
