@@ -345,3 +345,76 @@ def exit_code(rows: list) -> int:
     """1 when any cellkern row failed its correctness gate or raised, else 0."""
     return int(any(r["backend"] not in NOT_CELLKERN and r["status"] in ("FAIL", "ERROR") for r in rows))
 
+
+
+#: the ratio of the Triton backend's median to the CUDA backend's that issue 18 accepts on every row
+TRITON_OVER_CUDA = 1.5
+
+
+def acceptance(rows: list, roof_gbps: float, config, target) -> list:
+    """Issue 18's acceptance figures of a run, from its rows and the roof measured in it.
+
+    For every configuration ``config(row)`` (a hashable label) that has a
+    ``cuda`` or ``triton`` row: each backend's share of the copy roof and,
+    where ``target(row)`` gives one, the share it must reach; the Triton median
+    over the CUDA median and :data:`TRITON_OVER_CUDA`. A row counts only when it
+    passed its correctness gate (status ``ok``); otherwise its figures are None
+    and the check is missed.
+
+    Returns one dict per configuration: ``config``, ``roof_gbps``,
+    ``{backend}_ms``, ``{backend}_roof_share``, ``roof_target``,
+    ``roof_met``, ``triton_over_cuda``, ``ratio_met`` (None where the run has
+    no such figure to judge).
+    """
+    out = {}
+    for r in rows:
+        if r["backend"] not in ("cuda", "triton"):
+            continue
+        key = config(r)
+        item = out.setdefault(key, {"config": key, "roof_gbps": roof_gbps, "roof_target": None,
+                                    "cuda_ms": None, "triton_ms": None,
+                                    "cuda_roof_share": None, "triton_roof_share": None})
+        ok = r["status"] == "ok" and r.get("median_ms")
+        item[f"{r['backend']}_status"] = r["status"]
+        if ok:
+            item[f"{r['backend']}_ms"] = r["median_ms"]
+            item[f"{r['backend']}_roof_share"] = r["gbps"] / roof_gbps if roof_gbps else None
+        if r["backend"] == "cuda":
+            item["roof_target"] = target(r)
+    for item in out.values():
+        share, want = item["cuda_roof_share"], item["roof_target"]
+        item["roof_met"] = None if want is None else (share is not None and share >= want)
+        c, t = item["cuda_ms"], item["triton_ms"]
+        has_both = "cuda_status" in item and "triton_status" in item
+        item["triton_over_cuda"] = t / c if (c and t) else None
+        item["ratio_met"] = (item["triton_over_cuda"] is not None and item["triton_over_cuda"] <= TRITON_OVER_CUDA) \
+            if has_both else None
+    return list(out.values())
+
+
+def format_acceptance(items: list) -> str:
+    """The acceptance figures as lines (empty when the run had no cuda or triton row)."""
+    if not items:
+        return ""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    def verdict(met):
+        return "" if met is None else (" met" if met else " MISSED")
+
+    lines = [f"acceptance (issue 18), copy roof {items[0]['roof_gbps']:.0f} GB/s measured in this run:"]
+    for it in items:
+        cuda = f"cuda {_ms_text(it['cuda_ms'])} = {pct(it['cuda_roof_share'])} of the roof"
+        if it["roof_target"] is not None:
+            cuda += f" (target >= {pct(it['roof_target'])}{verdict(it['roof_met'])})"
+        triton = f"triton {_ms_text(it['triton_ms'])} = {pct(it['triton_roof_share'])}"
+        if it["triton_over_cuda"] is not None or it["ratio_met"] is not None:
+            ratio = "-" if it["triton_over_cuda"] is None else f"{it['triton_over_cuda']:.2f}x"
+            triton += f", {ratio} cuda (target <= {TRITON_OVER_CUDA}x{verdict(it['ratio_met'])})"
+        lines.append(f"  {it['config']}: {cuda}; {triton}")
+    return "\n".join(lines)
+
+
+def _ms_text(x) -> str:
+    return "-" if x is None else f"{fmt_ms(x)} ms"

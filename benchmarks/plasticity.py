@@ -78,6 +78,21 @@ DEFAULT_SIZES, DEFAULT_BATCH = ("48,48,36", "128,128,128"), ("1", "16")
 QUICK_SIZES, QUICK_BATCH = ("6,5,7",), ("3",)
 GATE_DIMS = (20, 18, 17)
 OPS = ("stdp", "bcm", "competition", "normalize", "sequence", "fused")
+#: issue 18's roof share for the cuda backend's fused step at 128³, B = 1, fp32
+FUSED_ROOF_TARGET = 0.75
+
+
+def roof_target(row: dict, dtype: torch.dtype):
+    """The share of the copy roof issue 18 asks of this row (None: no target for it)."""
+    if row["op"] == "fused" and tuple(row["size"]) == (128, 128, 128) and row["B"] == 1 and dtype == torch.float32:
+        return FUSED_ROOF_TARGET
+    return None
+
+
+def acceptance(rows: list, roof_gbps: float, dtype: torch.dtype) -> list:
+    """Issue 18's figures of this run (:func:`benchmarks.harness.acceptance`)."""
+    return H.acceptance(rows, roof_gbps, lambda r: f"{'x'.join(map(str, r['size']))} B={r['B']} {r['op']}",
+                        lambda r: roof_target(r, dtype))
 RULE = ck.PlasticityRule()
 KERNELS = ("plasticity_", "lateral_inhibition", "local_winners", "heterosynaptic_normalize_")
 K = ck.stencil(STENCIL).K
@@ -441,6 +456,9 @@ def main(argv=None) -> int:
         print(f"[{i}] {note}")
     for note in skip_notes:
         print(f"note: {note}")
+    accepted = acceptance(rows, roof["gbps"], args.dtype)
+    if accepted:
+        print(H.format_acceptance(accepted))
     end = info.get("load_average_1min_end")
     own = torch.get_num_threads() if device.type == "cpu" else 1
     if end is not None and H.machine_busy({**info, "load_average_1min": end}, own_threads=own):
@@ -455,7 +473,7 @@ def main(argv=None) -> int:
                          "reference_limit": args.reference_limit, "gate_dims": list(GATE_DIMS),
                          "min_run_time": args.min_run_time, "max_row_time": args.max_row_time, "seed": args.seed,
                          "quick": args.quick, "tolerance": dict(zip(("rtol", "atol"), H.GATE_TOLERANCE[args.dtype]))},
-            "backend_status": status, "notes": skip_notes, "rows": rows,
+            "backend_status": status, "notes": skip_notes, "rows": rows, "acceptance": accepted,
         }
         labels = list(dict.fromkeys(f"{'x'.join(map(str, r['size']))} B={r['B']} {r['op']}" for r in rows))
         value = {(f"{'x'.join(map(str, r['size']))} B={r['B']} {r['op']}", r["backend"]): r.get("synapse_updates_per_s")

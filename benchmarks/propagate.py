@@ -77,6 +77,23 @@ DEFAULT_BC = ("1", "16")
 QUICK_SIZES = ("6,5,7",)
 QUICK_BC = ("16",)
 PASSES = ("fwd", "fwd+bwd")
+#: issue 18's roof shares for the cuda backend at 128³, moore, fp32: (pass, B·C) → share (None: any B·C)
+ROOF_TARGETS = {("fwd", 1): 0.80, ("fwd", 16): 0.60, ("fwd+bwd", None): 0.50}
+TARGET_SIZE = (128, 128, 128)
+
+
+def roof_target(row: dict, dtype: torch.dtype):
+    """The share of the copy roof issue 18 asks of this row (None: no target at its size or dtype)."""
+    if tuple(row["size"]) != TARGET_SIZE or dtype != torch.float32:
+        return None
+    bc = row["B"] * row["C"]
+    return ROOF_TARGETS.get((row["pass"], bc), ROOF_TARGETS.get((row["pass"], None)))
+
+
+def acceptance(rows: list, roof_gbps: float, dtype: torch.dtype) -> list:
+    """Issue 18's figures of this run (:func:`benchmarks.harness.acceptance`)."""
+    return H.acceptance(rows, roof_gbps, lambda r: f"{'x'.join(map(str, r['size']))} {r['B']}x{r['C']} {r['pass']}",
+                        lambda r: roof_target(r, dtype))
 
 
 def parse_size(text: str) -> tuple:
@@ -408,6 +425,9 @@ def main(argv=None) -> int:
     print(text)
     for i, note in enumerate(notes, 1):
         print(f"[{i}] {note}")
+    accepted = acceptance(rows, roof["gbps"], args.dtype)
+    if accepted:
+        print(H.format_acceptance(accepted))
     end = info.get("load_average_1min_end")
     own = torch.get_num_threads() if device.type == "cpu" else 1
     if end is not None and H.machine_busy({**info, "load_average_1min": end}, own_threads=own):
@@ -427,6 +447,7 @@ def main(argv=None) -> int:
                          "tolerance": dict(zip(("rtol", "atol"), H.GATE_TOLERANCE[args.dtype]))},
             "backend_status": status,
             "rows": rows,
+            "acceptance": accepted,
         }
         labels = [f"{'x'.join(map(str, r['size']))} {r['B']}x{r['C']} {r['pass']}"
                   for r in rows if r["backend"] == args.backends[0]]

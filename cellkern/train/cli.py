@@ -37,7 +37,10 @@ def _config(path):
 @click.option("--progress/--no-progress", default=True, help="progress bar per stage")
 @click.option("--parallel", type=click.Choice(["data", "domain"]), default=None,
               help="under torchrun: split the batch (data) or the lattice along z (domain) over the processes")
-def run(config_path, out, resume, progress, parallel) -> None:
+@click.option("--device", default=None, metavar="cpu|cuda|cuda:N|auto",
+              help="where the run's tensors live (overrides the config's device; with --resume, "
+                   "the run continues there); default: the config's (cpu)")
+def run(config_path, out, resume, progress, parallel, device) -> None:
     """Run the staged schedule (the main job) and write its report.
 
     On several processes: torchrun --nproc-per-node 2 -m cellkern.train.cli run --parallel data
@@ -56,9 +59,12 @@ def run(config_path, out, resume, progress, parallel) -> None:
         if resume:
             if config_path:
                 raise click.UsageError("--resume continues with the run's own config; drop --config")
-            trainer = Trainer.resume(resume, progress=progress, parallel=parallel)
+            trainer = Trainer.resume(resume, device=device, progress=progress, parallel=parallel)
         else:
-            trainer = Trainer(_config(config_path), out, progress=progress, parallel=parallel)
+            cfg = _config(config_path)
+            if device is not None:
+                cfg.device = device
+            trainer = Trainer(cfg, out, progress=progress, parallel=parallel)
         report = trainer.run()
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

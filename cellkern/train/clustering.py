@@ -70,13 +70,13 @@ def spherical_kmeans(x: torch.Tensor, k: int = 8, seed: int = 0, iters: int = 20
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     N = xn.shape[0]
     # k-means++: each next centre drawn with probability ∝ (1 − max cos)²
-    first = int(torch.randint(N, (1,), generator=g))
+    first = int(torch.randint(N, (1,), generator=g, device="cpu"))
     centres = [first]
     best = xn @ xn[first]
     for _ in range(1, k):
         d2 = (1 - best).clamp_min(0).square().cpu()
         idx = int(torch.multinomial(d2, 1, generator=g)) if float(d2.sum()) > 0 else \
-            int(torch.randint(N, (1,), generator=g))
+            int(torch.randint(N, (1,), generator=g, device="cpu"))
         centres.append(idx)
         best = torch.maximum(best, xn @ xn[idx])
     c = xn[centres].clone()

@@ -129,6 +129,29 @@ def check_dims(ctx: str, dims) -> tuple:
     return tuple(int(d) for d in dims)
 
 
+def check_device(device) -> str:
+    """The config value ``device`` as a name (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+    ``"auto"``), or a clear error; whether the GPU exists is checked when the
+    run starts (:func:`cellkern.train.planning.resolve_device`), so a GPU run's
+    config still loads on a CPU machine."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"config: device must be a string (cpu, cuda, cuda:N or auto), got "
+                        f"{type(device).__name__} {device!r}")
+    if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise ValueError(f"config: device must be one of cpu, cuda, cuda:N or auto, got {device!r}")
+    return str(dev) if dev.type == "cuda" else "cpu"
+
+
 @dataclass
 class StageConfig:
     """One stage of the schedule (SPEC §8).
@@ -264,6 +287,10 @@ class ScheduleConfig:
             (MNIST's naming: ``train-images-idx3-ubyte`` → ``train-labels-idx1-ubyte``).
         budget: the memory budget, bytes or a string such as ``"24GB"``; None
             takes the device's memory. Default: None.
+        device: where the run's tensors live: ``"cpu"``, ``"cuda"`` (or
+            ``"cuda:N"``; an error naming this key when torch sees no GPU) or
+            ``"auto"`` (the GPU when torch sees one, else the CPU); a
+            ``torch.device`` is stored as its name. Default: ``"cpu"``.
         monitor_every: steps between decoder/emergence reports (SPEC §9). Default: 50.
         batch: B, samples presented together. Default: 16.
         present_steps: T, steps each batch of inputs drives the input face from
@@ -291,6 +318,7 @@ class ScheduleConfig:
     data: str = "digits"
     data_labels: Optional[str] = None
     budget: Union[int, str, None] = None
+    device: str = "cpu"
     monitor_every: int = 50
     batch: int = 16
     present_steps: int = 45
@@ -322,6 +350,7 @@ class ScheduleConfig:
         _check("", "data_labels", self.data_labels, str, optional=True)
         if self.budget is not None and not isinstance(self.budget, str):
             _check("", "budget", self.budget, int, positive=True)
+        self.device = check_device(self.device)
         for key in ("input_gain", "leak", "kappa", "amplification", "decoder_alpha"):
             setattr(self, key, _check("", key, getattr(self, key), float, nonneg=True))
         if self.leak > 1:

@@ -246,7 +246,7 @@ def to_face(images, H: int, W: int) -> torch.Tensor:
     for n, v in (("H", H), ("W", W)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{op}: {n} must be a positive int, got {v!r}")
-    x = torch.as_tensor(images)
+    x = images if isinstance(images, torch.Tensor) else torch.as_tensor(images, device="cpu")
     if x.dim() != 3 or x.numel() == 0:
         raise ValueError(f"{op}: images must have shape (N, h, w) with no empty dim, got {tuple(x.shape)}")
     x = x.to(torch.float32)

@@ -107,7 +107,7 @@ def emergence_metrics(f: torch.Tensor, top_m: int = 8) -> dict:
     r = _lag(f.shape, f.device, f.dtype).flatten()
     bins = torch.round(r).long()
     n_bins = int(bins.max()) + 1
-    mean_c = torch.zeros(n_bins, dtype=C.dtype).index_add_(0, bins, C) / torch.bincount(bins, minlength=n_bins)
+    mean_c = torch.zeros(n_bins, dtype=C.dtype, device=C.device).index_add_(0, bins, C) / torch.bincount(bins, minlength=n_bins)
     below = torch.nonzero(mean_c < math.exp(-1)).flatten()
     if len(below) == 0:
         length = float(n_bins - 1)

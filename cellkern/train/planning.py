@@ -7,17 +7,46 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import ScheduleConfig, StageConfig
+from .config import ScheduleConfig, StageConfig, check_device
 from .config import profile
 from ..stencil import stencil as make_stencil
 
-__all__ = ["stage_memory_config", "stage_estimate", "fit_stage", "device_memory"]
+__all__ = ["stage_memory_config", "stage_estimate", "fit_stage", "device_memory", "resolve_device"]
 
 
-def device_memory() -> int:
-    """Bytes of the device the run uses: the GPU's memory, else the machine's RAM."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
+def resolve_device(device) -> torch.device:
+    """The ``torch.device`` a run uses for the config value ``device``.
+
+    ``"cpu"``; ``"cuda"`` or ``"cuda:N"`` (an error naming the key when torch
+    sees no such GPU); ``"auto"``: the current GPU when torch sees one, else the
+    CPU. A ``torch.device`` is taken by its name.
+    """
+    name = check_device(device)
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"config: device is {name!r}, but torch sees no CUDA device ({why}); "
+                         f"use device = \"cpu\" or \"auto\" (cellkern run --device cpu)")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"config: device is {name!r}, but torch sees {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
+def device_memory(device=None) -> int:
+    """Bytes of memory of ``device`` (a ``torch.device`` or a config value):
+    a GPU's total memory, the CPU's physical RAM. None: the GPU's memory when
+    torch sees one, else the RAM."""
+    if device is None:
+        device = "auto"
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -60,11 +89,12 @@ def fit_stage(cfg: ScheduleConfig, st: StageConfig, budget: Optional[int] = None
     more cells that fits, laid out like ``st.dims`` (logged); without it a ``ValueError``.
 
     Args:
-        budget: bytes; None takes ``cfg.budget``, else :func:`device_memory`.
+        budget: bytes; None takes ``cfg.budget``, else the memory of the run's
+            device (``cfg.device``, :func:`device_memory`).
     """
     from ..memory import PROGRESSION
 
-    budget = budget or cfg.budget_bytes() or device_memory()
+    budget = budget or cfg.budget_bytes() or device_memory(cfg.device)
     need = stage_estimate(cfg, st, st.dims)
     if need <= budget:
         return tuple(st.dims)

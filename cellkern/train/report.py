@@ -55,8 +55,9 @@ def evaluate_quality(trainer) -> dict:
     chunk = cfg.batch if st.memory_optimizations else max(n, m)
     kw = dict(channels=cfg.channels, steps=cfg.present_steps, gain=cfg.input_gain, leak=cfg.leak,
               stencil=cfg.stencil, chunk=chunk)
-    ftr, fte = to_face(data.train_x[:n], H, W), to_face(data.test_x[:m], H, W)
-    ytr, yte = data.train_y[:n], data.test_y[:m]
+    dev = trainer.w.device
+    ftr, fte = to_face(data.train_x[:n].to(dev), H, W), to_face(data.test_x[:m].to(dev), H, W)
+    ytr, yte = data.train_y[:n].to(dev), data.test_y[:m].to(dev)
     out = {}
     w0 = resample_field(trainer.w_initial, (D, H, W)).clamp_(cfg.rule.w_min, cfg.rule.w_max)
     mask0 = None
@@ -86,7 +87,14 @@ def build_report(trainer) -> dict:
         version=__version__, config=trainer.cfg.to_dict(), data=trainer.data.name,
         stages=stages, quality=evaluate_quality(trainer),
         monitor_overhead=monitor / max(train, 1e-12), train_seconds=train, monitor_seconds=monitor,
-        final_dims=list(trainer.w.shape[1:]))
+        final_dims=list(trainer.w.shape[1:]), device=device_name(trainer.w.device))
+
+
+def device_name(device: torch.device) -> str:
+    """``"cpu"``, or ``"cuda:0 (NVIDIA H200)"``: where the run's tensors lived."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def summary_table(report: dict) -> str:
@@ -103,6 +111,8 @@ def summary_table(report: dict) -> str:
     rows.append(f"held-out accuracy: trained lattice {100 * q['trained']:.1f}%, untrained "
                 f"{100 * q['untrained']:.1f}%, raw pixels {100 * q['raw_pixels']:.1f}%; "
                 f"monitor overhead {100 * report['monitor_overhead']:.1f}% of training time")
+    if report.get("device"):
+        rows.append(f"device: {report['device']}")
     return "\n".join(rows)
 
 
@@ -142,7 +152,7 @@ def _plots(report: dict, trainer, out: pathlib.Path) -> list:
             ax = axes[i, j]
             img = r.get(key)
             if img is not None:
-                ax.imshow(torch.as_tensor(img).numpy(), cmap=cmap)
+                ax.imshow(torch.as_tensor(img, device="cpu").numpy(), cmap=cmap)
             else:
                 ax.text(0.5, 0.5, "off", ha="center", va="center")
             ax.set_title(f"{r['name']}\n{title}, z = {r['dims'][0] // 2}", fontsize=7)
@@ -155,13 +165,13 @@ def _plots(report: dict, trainer, out: pathlib.Path) -> list:
 
     from .emergence import power_spectrum, weight_field
 
-    P = power_spectrum(weight_field(trainer.w, trainer.mask)).to(torch.float64)
+    P = power_spectrum(weight_field(trainer.w, trainer.mask)).to("cpu", torch.float64)  # plotted on the CPU
     dims = P.shape
-    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64) for n in dims], indexing="ij")
+    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64, device="cpu") for n in dims], indexing="ij")
     radius = torch.sqrt(sum(g ** 2 for g in grids))
-    edges = torch.linspace(0, float(radius.max()) + 1e-9, 24)
+    edges = torch.linspace(0, float(radius.max()) + 1e-9, 24, device="cpu")
     which = torch.bucketize(radius.flatten(), edges)
-    radial = torch.zeros(len(edges) + 1, dtype=torch.float64).index_add_(0, which, P.flatten())
+    radial = torch.zeros(len(edges) + 1, dtype=torch.float64, device="cpu").index_add_(0, which, P.flatten())
     counts = torch.bincount(which, minlength=len(edges) + 1).clamp(min=1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogy(edges[1:].numpy(), (radial / counts)[1:len(edges)].numpy().clip(min=1e-30), "o-", ms=3)

@@ -23,6 +23,14 @@ Each stage, top to bottom:
 A killed run resumed from its checkpoint ends with exactly the weights of an
 uninterrupted run: every random draw comes from generators whose state is saved.
 
+Every tensor of the run lives on ``device`` (the config key, or ``cellkern run
+--device``): weights, mask, traces, θ, cluster factors, lr amplification,
+state, drive, data batches and decoder features. The random draws come from
+CPU generators and move to the device afterwards, so a run draws the same
+numbers on any device, and a checkpoint (saved as it is, loaded onto the CPU)
+resumes on either device. The monitor's decoder keeps its small buffer of
+features on the CPU (a float64 ridge solve of a few hundred samples).
+
 ``parallel="data"`` / ``"domain"`` runs the same loop on several processes
 (``torchrun``; :mod:`cellkern.train.layouts` lays the tensors out and runs the ops),
 ending with exactly the one-process run's state.
@@ -38,7 +46,7 @@ import click
 
 from .. import ops, sparse
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .planning import fit_stage, stage_estimate
+from .planning import fit_stage, resolve_device, stage_estimate
 from .config import ScheduleConfig, load_config, save_config
 from .layouts import make_layout
 from .monitor import BOUNDARY, PrequentialDecoder, drive
@@ -148,13 +156,17 @@ class Trainer:
     def __init__(self, config: ScheduleConfig, out=None, *, log: Callable = _echo, progress: bool = True,
                  stop_after: Optional[int] = None, parallel: Optional[str] = None):
         self.cfg = config.validate()
+        self.device = resolve_device(self.cfg.device)
+        if parallel is not None and self.device.type != "cpu":
+            raise ValueError(f"Trainer: parallel={parallel!r} runs its processes on the CPU (gloo); "
+                             f"config: device must be \"cpu\", got {self.cfg.device!r}")
         self.par = make_layout(parallel, self.cfg)
         self.out = None if out is None else pathlib.Path(out)
         self.log, self.progress, self.stop_after = log, progress, stop_after
         if not self.par.is_writer:
             self.log, self.progress = (lambda msg: None), False
         self.data = load_dataset(self.cfg)
-        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         self.stage, self.step, self.started, self.done_steps = 0, 0, False, 0
         self.w = self.mask = self.pstate = self.s = self.x = self.batch_y = None
         self.clusters = self.factor = self.lr_amplification = self.y_prev = None
@@ -166,13 +178,17 @@ class Trainer:
             save_config(self.cfg, self.out / CONFIG_NAME)
 
     @classmethod
-    def resume(cls, out, **kwargs) -> "Trainer":
+    def resume(cls, out, device=None, **kwargs) -> "Trainer":
         """The trainer of the run in ``out``, at its last checkpoint (from the
-        start when it was killed before its first checkpoint)."""
+        start when it was killed before its first checkpoint); ``device``
+        overrides the run's config (a GPU run continues on the CPU and back)."""
         out = pathlib.Path(out)
         if not (out / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"resume: {str(out)!r} holds no run (no {CONFIG_NAME})")
-        t = cls(load_config(out / CONFIG_NAME), out, **kwargs)
+        cfg = load_config(out / CONFIG_NAME)
+        if device is not None:
+            cfg.device = device
+        t = cls(cfg, out, **kwargs)
         if not (out / CHECKPOINT_NAME).is_file():
             t.log(f"resumed {out}: no checkpoint yet, starting from the beginning")
             return t
@@ -197,9 +213,13 @@ class Trainer:
         return d
 
     def load_state_dict(self, d: dict) -> None:
+        """Load a :meth:`state_dict`; its tensors move to the run's device."""
+        def here(v):
+            return v.to(self.device) if isinstance(v, torch.Tensor) else v
+
         for k in self._TENSORS + self._VALUES:
-            setattr(self, k, d[k])
-        self.pstate = None if d["pstate"] is None else PlasticityState(**d["pstate"])
+            setattr(self, k, here(d[k]) if k in self._TENSORS else d[k])
+        self.pstate = None if d["pstate"] is None else PlasticityState(**{k: here(v) for k, v in d["pstate"].items()})
         self.gen.set_state(d["gen"])
 
     def checkpoint(self) -> Optional[pathlib.Path]:
@@ -210,14 +230,16 @@ class Trainer:
 
     # -- stage set-up --------------------------------------------------------------------------
     def _fresh_weights(self, dims, seed) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)
         K, r = make_stencil(self.cfg.stencil).K, self.cfg.rule
-        return r.w_min + r.w_init * torch.rand((K, *dims), generator=g)
+        return (r.w_min + r.w_init * torch.rand((K, *dims), generator=g, device="cpu")).to(self.device)
 
     def start_stage(self) -> None:
         cfg, st = self.cfg, self.cfg.stages[self.stage]
         dims = fit_stage(cfg, st, log=self.log)
         r = cfg.rule
+        if self.device.type == "cuda":  # the stage's measured peak (_held_bytes) is its own
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.w is None or not st.transfer_learning:
             w = self._fresh_weights(dims, cfg.seed * 1000 + self.stage)
             theta, mask = None, None
@@ -228,7 +250,7 @@ class Trainer:
             if mask is not None:  # synapses outside the lattice count as live, or a face layer's void moves inward
                 mask = mask | ~live_synapses(None, geometry("trainer", self.cfg.stencil, BOUNDARY), tuple(self.w.shape[1:]), self.w.device)
             w, theta, mask = transfer(self.w, self.pstate.theta, mask, dims, w_min=r.w_min, w_max=r.w_max)
-        self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0)  # traces reset
+        self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0, device=self.device)  # traces reset
         if theta is not None:
             self.pstate.theta.copy_(theta)
         if st.sparse_keep < 1:
@@ -256,11 +278,11 @@ class Trainer:
         from .data import to_face
 
         N = self.data.train_x.shape[0]
-        idx = torch.randint(0, N, (self.cfg.batch,), generator=self.gen)
-        faces = to_face(self.data.train_x[idx], dims[1], dims[2])
+        idx = torch.randint(0, N, (self.cfg.batch,), generator=self.gen, device="cpu")
+        faces = to_face(self.data.train_x[idx].to(self.device), dims[1], dims[2])
         self.x = self.par.local_input(drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain))
         self.s = torch.zeros_like(self.x)
-        self.batch_y = self.data.train_y[idx]
+        self.batch_y = self.data.train_y[idx].to(self.device)
 
     def run_stage(self) -> bool:
         """Run the current stage to its end; False when stopped by ``stop_after``."""
@@ -341,8 +363,8 @@ class Trainer:
         ts = [self.w, self.mask, self.s, self.x, self.factor, self.lr_amplification, self.clusters, self.y_prev,
               self.pstate.x_pre, self.pstate.x_post, self.pstate.theta]
         held = sum(t.numel() * t.element_size() for t in ts if t is not None)
-        if torch.cuda.is_available() and self.w.is_cuda:
-            return int(torch.cuda.max_memory_allocated())
+        if self.w.is_cuda:
+            return int(torch.cuda.max_memory_allocated(self.w.device))
         return int(held + (0 if self.s is None else self.s.numel() * self.s.element_size()))
 
     def _recluster(self, y, rec) -> None:
