@@ -39,9 +39,13 @@ def test_report_keys(tiny_run):
         assert "branching_ratio" in h
     assert rep["stages"][1]["cluster_sizes"] and sum(rep["stages"][1]["cluster_sizes"][-1]["sizes"]) == 8 * 10 * 10
     q = rep["quality"]
-    for k in ("trained", "untrained", "raw_pixels"):
-        assert 0.0 <= q[k] <= 1.0
-    assert q["raw_pixels"] > 0.5, "a ridge decoder on the pixels of digits is far above chance"
+    for k in ("trained", "untrained", "raw_pixels", "random_features"):
+        assert 0.0 <= q[k]["accuracy"] <= 1.0 and q[k]["alpha"] in (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
+        assert q[k]["max_abs_feature"] >= 1e-3
+    assert q["raw_pixels"]["accuracy"] > 0.5, "a ridge decoder on the pixels of digits is far above chance"
+    assert q["random_features"]["features"] == q["trained"]["features"]
+    for st in rep["stages"]:
+        assert st["max_abs_feature"] >= 1e-3 and 1 <= st["reach_step"] <= rep["config"]["present_steps"]
     assert 0.0 <= rep["monitor_overhead"] < 10.0
 
 
@@ -51,7 +55,7 @@ def test_plots_and_summary(tiny_run):
         assert (out / name).stat().st_size > 1000
         assert name in output
     assert "| stage | dims |" in output and "| b | 8×10×10 | 24 |" in output
-    assert "held-out accuracy: trained lattice" in output
+    assert "held-out accuracy (ridge, alpha by CV): trained lattice" in output
 
 
 def test_eval_samples_limits_the_quality_evaluation(tiny_run, tmp_path):

@@ -48,6 +48,8 @@ GLOBAL_FIELDS = {
     "kappa": {"kappa": 0.6},
     "amplification": {"amplification": 2.0},
     "monitor_every": {"monitor_every": 6},
+    "activation": {"activation": "relu"},
+    "connectivity": {"connectivity": "feedforward"},
 }
 RULE_FIELDS = {"stdp_lr": 0.1, "a_plus": 0.03, "a_minus": 0.03, "tau_plus": 5.0, "tau_minus": 5.0, "bcm_lr": 0.1,
                "w_min": 0.05, "w_max": 0.3, "w_init": 0.2, "theta0": 0.05}
@@ -189,3 +191,31 @@ def test_transferred_mask_keeps_every_layer_connected():
     below = [k for k, o in enumerate(ck.stencil("moore").offsets.tolist()) if o[0] == -1]
     assert t.mask[below, 1:].any(0).float().mean((1, 2)).min() > 0.9
     assert not t.mask[below, 0].any()
+
+
+def test_a_readout_before_the_signal_arrives_stops_with_a_clear_error():
+    """SPEC §12: reading the output face of an 8-deep lattice after 3 steps reads noise: an error, not a number."""
+    cfg = tiny_config(features="face", present_steps=3)
+    with pytest.raises(ValueError, match=r"stage 1 \(a\): the readout reads noise: the read region's mean \|s\| "
+                                         r"never exceeds 0.001 within the presentation of 3 steps"):
+        run_stages(cfg)
+    t = run_stages(tiny_config(features="face", present_steps=24, input_gain=4.0))  # long enough: it reads
+    assert all(r["reach_step"] is not None and r["reach_step"] <= 24 for r in t.records)
+    assert all(r["max_abs_feature"] >= 1e-3 for r in t.records)
+
+
+def test_features_field_changes_what_the_readout_reads():
+    """``features`` (SPEC §12): every slice, the output face, or the face averaged over the last half."""
+    seen = {}
+    for kind in ("slices", "face", "time"):
+        t = run_stages(tiny_config({"sparse_keep": 1.0, "clustering_enabled": False}, features=kind,
+                                   present_steps=24, input_gain=4.0))
+        seen[kind] = torch.cat(t.decoder.x)
+    assert seen["slices"].shape[1] == 8 * seen["face"].shape[1] == 8 * 4 * 8 * 8  # D = 8 slices of C·8·8
+    assert seen["face"].shape == seen["time"].shape and not torch.equal(seen["face"], seen["time"])
+
+
+def test_feedforward_connectivity_masks_every_offset_but_the_layer_below():
+    t = run_stages(tiny_config({"sparse_keep": 1.0, "clustering_enabled": False}, connectivity="feedforward"))
+    dz = torch.tensor([o[0] for o in ck.stencil("moore").offset_tuples])
+    assert t.mask is not None and not t.mask[dz != -1].any() and t.mask[dz == -1][:, 1:].all()

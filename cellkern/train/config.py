@@ -32,6 +32,8 @@ from typing import Optional, Union
 
 from ..rules import BCM, STDP, THETA0, Competition, PlasticityRule
 from ..stencil import NAMED_STENCILS
+from ..stencil import stencil as make_stencil
+from .monitor import FEATURES
 
 __all__ = ["StageConfig", "RuleConfig", "ScheduleConfig", "load_config", "save_config", "config_from_dict"]
 
@@ -46,6 +48,8 @@ class Profile:
         activity_threshold: θ_act when the stage sets none.
         competition: β, the lateral inhibition strength.
         tau_theta: τ_θ of BCM, in steps.
+        tau_scale: scales τ of the mixing model's competitive Hebbian rule
+            (a colder, harder competition as the schedule consolidates).
     """
 
     name: str
@@ -53,15 +57,16 @@ class Profile:
     activity_threshold: float
     competition: float
     tau_theta: float
+    tau_scale: float = 1.0
 
 
 #: discovery explores (full rate, weak competition, a fast-moving θ); later
 #: profiles learn slower with stronger competition and a slower θ.
 PROFILE_TABLE = {
-    "discovery": Profile("discovery", 1.0, 0.01, 0.3, 500.0),
-    "learning": Profile("learning", 0.5, 0.02, 0.5, 1000.0),
-    "consolidation": Profile("consolidation", 0.2, 0.05, 0.8, 2000.0),
-    "freeze": Profile("freeze", 0.0, 0.1, 0.8, 2000.0),
+    "discovery": Profile("discovery", 1.0, 0.01, 0.3, 500.0, 1.0),
+    "learning": Profile("learning", 0.5, 0.02, 0.5, 1000.0, 1.0),
+    "consolidation": Profile("consolidation", 0.2, 0.05, 0.8, 2000.0, 0.5),
+    "freeze": Profile("freeze", 0.0, 0.1, 0.8, 2000.0, 0.5),
 }
 
 
@@ -243,6 +248,38 @@ class RuleConfig:
         return self
 
 
+MODELS = ("shared", "mixing")
+CONNECTIVITY = ("full", "feedforward")
+#: the activations a schedule may use (SPEC §2, §11)
+SCHEDULE_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid", "triangle")
+
+
+@dataclass
+class HebbianConfig:
+    """The competitive Hebbian rule of the mixing model (SPEC §11); stage
+    profiles scale ``eta`` and ``eta_beta`` by their learning-rate multiplier
+    and ``tau`` by their ``tau_scale``.
+
+    Args:
+        eta: η, the learning rate. Default: 0.05.
+        tau: τ, the soft winner-take-all temperature (0: hard WTA). Default: 1.0.
+        eta_beta: η_β, the homeostatic threshold rate. Default: 0.0.
+        average: ``"wins"`` (each unit moves by the mean of the inputs it won)
+            or ``"batch"``. Default: ``"wins"``.
+    """
+
+    eta: float = 0.05
+    tau: float = 1.0
+    eta_beta: float = 0.0
+    average: str = "wins"
+
+    def validate(self, ctx: str = "hebbian") -> "HebbianConfig":
+        for key in ("eta", "tau", "eta_beta"):
+            setattr(self, key, _check(ctx, key, getattr(self, key), float, nonneg=True))
+        _check(ctx, "average", self.average, str, choices=("wins", "batch"))
+        return self
+
+
 def default_stages() -> list:
     """The default schedule of SPEC §8 (16³ → 40×40×30), with step counts
     sized so that ``make demo`` finishes in a few minutes on two CPU cores."""
@@ -308,11 +345,36 @@ class ScheduleConfig:
         decoder_buffer: rolling buffer of the monitor, in samples. Default: 512.
         eval_samples: at most this many training samples fit the final
             decoders and at most this many test samples score them. Default: 300.
-        rule: the base :class:`RuleConfig`.
+        rule: the base :class:`RuleConfig` (the shared model's rules).
+        model: ``"shared"`` (one weight per synapse for all channels, the
+            STDP/BCM/competition rules of SPEC §4) or ``"mixing"`` (a
+            ``C × C`` matrix per synapse, SPEC §11: signed weights drawn
+            zero-mean with std ``init_gain / sqrt(K_live · C)``, the image
+            on channel 0 of the input face, the competitive Hebbian rule once
+            per presentation on its settled state). Default: ``"shared"``
+            (also for config files that do not name one); the built-in
+            schedule (:func:`default_config`) is the mixing model.
+        stencil: as above; the mixing model also takes ``"radius(r)"``.
+        connectivity: ``"full"`` (every stencil offset) or ``"feedforward"``
+            (only the offsets with dz = −1: each cell reads the slice below
+            it). Default: ``"full"``.
+        activation: φ of the cell update, ``identity``, ``tanh``, ``relu``,
+            ``sigmoid`` or ``triangle`` (SPEC §11, C ≥ 2). Default: ``"tanh"``.
+        features: what the readout reads (SPEC §12): ``"face"`` (the output
+            face at the end of a presentation), ``"slices"`` (every z-slice)
+            or ``"time"`` (the output face averaged over the presentation's
+            last half), pooled to 8 × 8 per channel. Default: ``"face"``.
+        init_gain: g of the mixing model's initial weights. Default: 1.0.
+        hebbian: the mixing model's :class:`HebbianConfig`.
     """
 
     stages: list = field(default_factory=default_stages)
+    model: str = "shared"
     stencil: str = "moore"
+    connectivity: str = "full"
+    activation: str = "tanh"
+    features: str = "face"
+    init_gain: float = 1.0
     channels: int = 4
     seed: int = 0
     data: str = "digits"
@@ -333,6 +395,7 @@ class ScheduleConfig:
     decoder_buffer: int = 512
     eval_samples: int = 300
     rule: RuleConfig = field(default_factory=RuleConfig)
+    hebbian: HebbianConfig = field(default_factory=HebbianConfig)
 
     def validate(self) -> "ScheduleConfig":
         if not isinstance(self.stages, list) or not self.stages:
@@ -341,7 +404,32 @@ class ScheduleConfig:
             if not isinstance(st, StageConfig):
                 raise TypeError(f"config: stages[{i}] must be a StageConfig, got {type(st).__name__}")
             st.validate(f"stages[{i}]")
-        _check("", "stencil", self.stencil, str, choices=SCHEDULE_STENCILS)
+        _check("", "model", self.model, str, choices=MODELS)
+        _check("", "stencil", self.stencil, str)
+        if self.stencil not in SCHEDULE_STENCILS and not (self.model == "mixing" and self.stencil.startswith("radius(")):
+            raise ValueError(f"config: stencil must be one of {', '.join(SCHEDULE_STENCILS)} (the mixing model also "
+                             f"takes radius(r)), got {self.stencil!r}")
+        try:
+            make_stencil(self.stencil)
+        except ValueError as exc:
+            raise ValueError(f"config: stencil: {exc}") from None
+        _check("", "connectivity", self.connectivity, str, choices=CONNECTIVITY)
+        _check("", "activation", self.activation, str, choices=SCHEDULE_ACTIVATIONS)
+        if self.activation == "triangle" and self.channels < 2:
+            raise ValueError(f"config: activation 'triangle' needs channels >= 2, got channels = {self.channels}")
+        _check("", "features", self.features, str, choices=FEATURES)
+        self.init_gain = _check("", "init_gain", self.init_gain, float, positive=True)
+        if not isinstance(self.hebbian, HebbianConfig):
+            raise TypeError(f"config: hebbian must be a HebbianConfig, got {type(self.hebbian).__name__}")
+        self.hebbian.validate()
+        if self.model == "mixing":
+            for i, st in enumerate(self.stages):
+                if st.clustering_enabled:
+                    raise ValueError(f"config: stages[{i}].clustering_enabled coordinates the shared model's "
+                                     "potentiation; the mixing model (model = \"mixing\") has none: set it to false")
+            if self.amplification > 0 and any(st.emergence_tracking for st in self.stages):
+                raise ValueError("config: amplification scales the shared model's per-cell learning rate; the "
+                                 f"mixing model's rule has one rate: set amplification = 0, got {self.amplification}")
         for key in ("channels", "monitor_every", "batch", "present_steps", "cluster_every", "clusters",
                     "decoder_buffer", "eval_samples"):
             _check("", key, getattr(self, key), int, positive=True)
@@ -376,8 +464,10 @@ class ScheduleConfig:
         def clean(d):
             return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
 
-        out = clean({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stages", "rule")})
+        out = clean({f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in ("stages", "rule", "hebbian")})
         out["rule"] = clean(dataclasses.asdict(self.rule))
+        out["hebbian"] = clean(dataclasses.asdict(self.hebbian))
         out["stages"] = [clean(dataclasses.asdict(s)) for s in self.stages]
         return out
 
@@ -402,6 +492,8 @@ def config_from_dict(data: dict) -> ScheduleConfig:
     data = dict(_build(ScheduleConfig, data, ""))
     if "rule" in data:
         data["rule"] = RuleConfig(**_build(RuleConfig, data["rule"], "rule"))
+    if "hebbian" in data:
+        data["hebbian"] = HebbianConfig(**_build(HebbianConfig, data["hebbian"], "hebbian"))
     if "stages" in data:
         stages = data["stages"]
         if not isinstance(stages, list):
@@ -454,8 +546,9 @@ def save_config(config: ScheduleConfig, path) -> pathlib.Path:
 
         path.write_text(yaml.safe_dump(d, sort_keys=False))
         return path
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in ("rule", "stages")]
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in ("rule", "hebbian", "stages")]
     lines += ["", "[rule]"] + [f"{k} = {_toml_value(v)}" for k, v in d["rule"].items()]
+    lines += ["", "[hebbian]"] + [f"{k} = {_toml_value(v)}" for k, v in d["hebbian"].items()]
     for st in d["stages"]:
         lines += ["", "[[stages]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -27,8 +27,8 @@ import torch.nn.functional as functional
 
 from .. import ops
 
-__all__ = ["POOL", "BOUNDARY", "drive", "face_features", "lattice_features", "RidgeDecoder",
-           "PrequentialDecoder"]
+__all__ = ["POOL", "BOUNDARY", "FEATURES", "DRIVES", "REACH", "drive", "read_region", "face_features", "Presentation",
+           "lattice_features", "check_reach", "RidgeDecoder", "PrequentialDecoder"]
 
 
 def _check_xy(op, X, y=None, F=None):
@@ -134,41 +134,113 @@ class RidgeDecoder:
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
 
 
-#: the output face is average-pooled to POOL × POOL per channel
+#: the read region is average-pooled to POOL × POOL per channel
 POOL = 8
 #: z carries the input → output direction and must not wrap; x, y wrap
 BOUNDARY = ("zero", "periodic", "periodic")
+#: what a readout reads (SPEC §12): the output face at the end of the
+#: presentation, every z-slice, or the output face averaged over its last half
+FEATURES = ("face", "slices", "time")
+#: how the image drives the input face: channel c at gain·(c+1)/C (the shared
+#: model's gain-scaled copies) or channel 0 alone (the mixing model)
+DRIVES = ("gain", "channel0")
+#: a read region whose mean |s| stays below this has not been reached (SPEC §12)
+REACH = 1e-3
 
 
-def drive(faces: torch.Tensor, channels: int, depth: int, gain: float) -> torch.Tensor:
+def drive(faces: torch.Tensor, channels: int, depth: int, gain: float, mode: str = "gain") -> torch.Tensor:
     """The external drive ``[B, C, D, H, W]``: ``faces`` ``[B, H, W]`` on z = 0, zero elsewhere."""
     B, H, W = faces.shape
     x = faces.new_zeros(B, channels, depth, H, W)
+    if mode == "channel0":
+        x[:, 0, 0] = gain * faces
+        return x
     g = gain * torch.arange(1, channels + 1, dtype=faces.dtype, device=faces.device) / channels
     x[:, :, 0] = g.view(1, -1, 1, 1) * faces[:, None]
     return x
 
 
-def face_features(s: torch.Tensor) -> torch.Tensor:
-    """``[B, C·POOL·POOL]`` features of the output face of ``s`` ``[B, C, D, H, W]``."""
-    face = s[:, :, -1].to(torch.float32)
-    return functional.adaptive_avg_pool2d(face, (min(POOL, face.shape[-2]), min(POOL, face.shape[-1]))).flatten(1)
+def _pool(t: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` average-pooled to at most POOL × POOL, flattened."""
+    t = t.to(torch.float32)
+    return functional.adaptive_avg_pool2d(t, (min(POOL, t.shape[-2]), min(POOL, t.shape[-1]))).flatten(1)
+
+
+def read_region(s: torch.Tensor, features: str) -> torch.Tensor:
+    """The part of ``s`` ``[B, C, D, H, W]`` a readout of kind ``features`` reads."""
+    return s if features == "slices" else s[:, :, -1]
+
+
+def face_features(s: torch.Tensor, features: str = "face") -> torch.Tensor:
+    """``[B, F]`` features of ``s`` ``[B, C, D, H, W]``: the output face (``face``;
+    ``time`` passes the face's running mean as ``s``) or every z-slice
+    (``slices``), pooled to POOL × POOL per channel."""
+    if features == "slices":
+        return torch.cat([_pool(s[:, :, z]) for z in range(s.shape[2])], dim=1)
+    return _pool(s[:, :, -1])
+
+
+class Presentation:
+    """What one presentation of ``steps`` propagation steps reads (SPEC §12):
+    the reach step (the first step, counted from 1, at which the read region's
+    mean |s| exceeds :data:`REACH`; None while it has not) and, for
+    ``features="time"``, the running mean of the output face over the last
+    ``⌈steps/2⌉`` steps."""
+
+    def __init__(self, steps: int, features: str):
+        self.steps, self.features = int(steps), features
+        self.t, self.reach, self.sum, self.n = 0, None, None, 0
+
+    def observe(self, s: torch.Tensor) -> None:
+        """Account for the state ``s`` after one more step."""
+        self.t += 1
+        if self.reach is None and float(read_region(s, self.features).abs().mean()) > REACH:
+            self.reach = self.t
+        if self.features == "time" and self.t > self.steps // 2:
+            self.sum = s.to(torch.float32) if self.sum is None else self.sum + s
+            self.n += 1
+
+    def features_of(self, s: torch.Tensor) -> torch.Tensor:
+        """The features at the end of the presentation (``s`` its last state)."""
+        if self.features == "time":
+            return face_features(self.sum / max(self.n, 1))
+        return face_features(s, self.features)
 
 
 @torch.no_grad()
 def lattice_features(faces: torch.Tensor, w, mask, *, channels: int, steps: int, gain: float, leak: float,
-                     stencil: str, chunk: int) -> torch.Tensor:
-    """Features of every image in ``faces`` ``[N, H, W]`` (already on the face
-    grid): a presentation of ``steps`` propagation steps each, ``chunk`` images at a time."""
-    D = w.shape[1]
-    out = []
+                     stencil: str, chunk: int, activation: str = "tanh", features: str = "face",
+                     drive_mode: str = "gain") -> tuple:
+    """``(features, reach_step)`` of every image in ``faces`` ``[N, H, W]``
+    (already on the face grid): a presentation of ``steps`` propagation steps
+    each, ``chunk`` images at a time; ``reach_step`` is the latest reach of
+    the chunks (None if one never reached the read region)."""
+    D = w.shape[-3]
+    out, reach = [], 0
     for i in range(0, faces.shape[0], chunk):
-        x = drive(faces[i:i + chunk], channels, D, gain)
+        x = drive(faces[i:i + chunk], channels, D, gain, drive_mode)
         s = torch.zeros_like(x)
+        pres = Presentation(steps, features)
         for _ in range(steps):
-            s = ops.propagate(s, w, mask, x=x, leak=leak, activation="tanh", stencil=stencil, boundary=BOUNDARY)
-        out.append(face_features(s))
-    return torch.cat(out)
+            s = ops.propagate(s, w, mask, x=x, leak=leak, activation=activation, stencil=stencil, boundary=BOUNDARY)
+            pres.observe(s)
+        out.append(pres.features_of(s))
+        reach = None if reach is None or pres.reach is None else max(reach, pres.reach)
+    return torch.cat(out), reach
+
+
+def check_reach(where: str, max_abs_feature: float, reach_step, steps: int) -> None:
+    """The SPEC §12 check: a readout whose features stay below :data:`REACH`
+    (or whose read region the signal never reached within the presentation)
+    is an error, never a result."""
+    if reach_step is None:
+        raise ValueError(
+            f"{where}: the readout reads noise: the read region's mean |s| never exceeds {REACH:g} within the "
+            f"presentation of {steps} steps (the largest |feature| read is {max_abs_feature:.3g}); lengthen "
+            "present_steps, shorten the lattice's depth, raise input_gain or the weights, or read features = \"slices\"")
+    if max_abs_feature < REACH:
+        raise ValueError(f"{where}: the readout reads noise: the largest |feature| is {max_abs_feature:.3g} "
+                         f"< {REACH:g}; raise input_gain or the weights")
 
 
 class PrequentialDecoder:

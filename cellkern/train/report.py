@@ -11,14 +11,25 @@ ratio, step time — plus ``cluster_sizes``), ``quality`` and
 (every step propagates through every live synapse for each of the B samples
 and, unless the stage is frozen, updates it).
 
-``quality`` compares held-out accuracies of a ridge decoder fitted on (at
-most) ``eval_samples`` training images and scored on (at most) as many test images:
+Each stage also carries ``max_abs_feature`` (the largest |feature| the
+monitor read) and ``reach_step`` (the latest, over the stage's presentations,
+of the first step at which the read region's mean |s| exceeds 1e-3): a stage
+whose readout stays below 1e-3 stops the run with an error (SPEC §12).
 
-* ``trained`` — the output face of the final lattice;
-* ``untrained`` — the same lattice with its initial weights: stage 1's fresh
-  weights resampled to the final dims and pruned to the final ``sparse_keep``
-  by the same rule (survivors rescaled), so only learning differs;
-* ``raw_pixels`` — the images themselves.
+``quality`` is the fair comparison of SPEC §12 on this run's seed: held-out
+accuracies (``accuracy``, with the ridge ``alpha`` chosen by 5-fold
+cross-validation on the (at most) ``eval_samples`` training images, and
+``max_abs_feature``) of
+
+* ``trained`` — the features of the final lattice (``features`` of the config);
+* ``untrained`` — its twin: stage 1's fresh weights resampled to the final
+  dims, with the same connectivity and pruning, so only learning differs;
+* ``raw_pixels`` — the images themselves;
+* ``random_features`` — relu of a fixed random projection of the pixels, as
+  many features as the lattice gives;
+
+and ``trained_minus_twin``. ``python -m benchmarks.quality`` repeats it over
+seeds with intervals.
 """
 from __future__ import annotations
 
@@ -32,46 +43,108 @@ import torch
 from .monitor import lattice_features
 from .transfer import resample_field
 
-__all__ = ["evaluate_quality", "build_report", "write_report", "summary_table"]
+__all__ = ["evaluate_quality", "fair_readout", "cv_alpha", "random_features", "twin_weights", "build_report",
+           "write_report", "summary_table"]
 
 
-def _ridge_accuracy(xtr, ytr, xte, yte, alpha, n_classes) -> float:
+#: the ridge penalties the readout's cross-validation chooses from (SPEC §12)
+ALPHAS = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
+
+
+def _ridge(alpha, n_classes):
     from .monitor import RidgeDecoder
 
-    return float(RidgeDecoder(alpha=alpha, n_classes=n_classes).fit(xtr, ytr).score(xte, yte))
+    return RidgeDecoder(alpha=alpha, n_classes=n_classes)
+
+
+def cv_alpha(x, y, n_classes, folds: int = 5, seed: int = 0) -> float:
+    """The ridge α of :data:`ALPHAS` with the best mean accuracy over ``folds``
+    folds of the training split (the test split is never seen); ties: the larger α."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    order = torch.randperm(x.shape[0], generator=g).to(x.device)
+    parts = order.chunk(folds)
+    best, best_acc = ALPHAS[0], -1.0
+    for alpha in ALPHAS:
+        accs = []
+        for i in range(folds):
+            val = parts[i]
+            fit = torch.cat([parts[j] for j in range(folds) if j != i])
+            accs.append(_ridge(alpha, n_classes).fit(x[fit], y[fit]).score(x[val], y[val]))
+        acc = sum(accs) / len(accs)
+        if acc >= best_acc:
+            best, best_acc = alpha, acc
+    return best
+
+
+def fair_readout(xtr, ytr, xte, yte, n_classes, seed: int = 0) -> dict:
+    """Held-out accuracy of the SPEC §12 readout (ridge, α by cross-validation on the training split)."""
+    alpha = cv_alpha(xtr, ytr, n_classes, seed=seed)
+    acc = float(_ridge(alpha, n_classes).fit(xtr, ytr).score(xte, yte))
+    return dict(accuracy=acc, alpha=alpha, max_abs_feature=float(xtr.abs().max()), features=int(xtr.shape[1]))
+
+
+def random_features(x: torch.Tensor, n_features: int, seed: int) -> torch.Tensor:
+    """``relu(P·x)`` with a fixed seeded Gaussian ``P`` of ``n_features`` rows: random features of a given size."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    P = torch.randn(n_features, x.shape[1], generator=g).to(x.device) / x.shape[1] ** 0.5
+    return torch.relu(x @ P.T)
+
+
+def twin_weights(trainer):
+    """The untrained twin (SPEC §12): the run's initial weights carried through the
+    same transfer to the last stage's dims, its connectivity and pruning."""
+    cfg = trainer.cfg
+    dims = tuple(trainer.w.shape[-3:])
+    st = cfg.stages[-1]
+    w0 = resample_field(trainer.w_initial, dims)
+    if cfg.model != "mixing":
+        w0 = w0.clamp_(cfg.rule.w_min, cfg.rule.w_max)
+    mask0 = trainer._connectivity(dims)
+    if st.sparse_keep < 1:
+        from .trainer import prune_stage
+
+        w0, mask0 = prune_stage(w0, mask0, st.sparse_keep, stencil=cfg.stencil, w_min=cfg.rule.w_min,
+                                w_max=cfg.rule.w_max)
+    return w0, mask0
 
 
 @torch.no_grad()
 def evaluate_quality(trainer) -> dict:
-    """Trained vs untrained lattice vs raw pixels (held-out accuracies)."""
+    """The fair comparison of SPEC §12 on this run: the trained lattice, its
+    untrained twin, raw pixels and random features of the lattice's size, each
+    read by the same ridge readout with α chosen by cross-validation on the
+    training split (``eval_samples`` labelled training images), scored on held-out
+    test images. A lattice whose features do not reach 1e-3 is an error."""
     from .data import to_face
+    from .monitor import check_reach
 
     cfg, data = trainer.cfg, trainer.data
     t0 = time.perf_counter()
     n = min(cfg.eval_samples, data.train_x.shape[0])
     m = min(cfg.eval_samples, data.test_x.shape[0])
-    D, H, W = trainer.w.shape[1:]
+    D, H, W = trainer.w.shape[-3:]
     st = cfg.stages[-1]
     chunk = cfg.batch if st.memory_optimizations else max(n, m)
     kw = dict(channels=cfg.channels, steps=cfg.present_steps, gain=cfg.input_gain, leak=cfg.leak,
-              stencil=cfg.stencil, chunk=chunk)
+              stencil=cfg.stencil, chunk=chunk, activation=cfg.activation, features=cfg.features,
+              drive_mode="channel0" if cfg.model == "mixing" else "gain")
     dev = trainer.w.device
     ftr, fte = to_face(data.train_x[:n].to(dev), H, W), to_face(data.test_x[:m].to(dev), H, W)
     ytr, yte = data.train_y[:n].to(dev), data.test_y[:m].to(dev)
     out = {}
-    w0 = resample_field(trainer.w_initial, (D, H, W)).clamp_(cfg.rule.w_min, cfg.rule.w_max)
-    mask0 = None
-    if st.sparse_keep < 1:
-        from .trainer import prune_stage
-
-        w0, mask0 = prune_stage(w0, None, st.sparse_keep, stencil=cfg.stencil, w_min=cfg.rule.w_min,
-                                w_max=cfg.rule.w_max)
+    w0, mask0 = twin_weights(trainer)
     for name, w, mask in (("trained", trainer.w, trainer.mask), ("untrained", w0, mask0)):
-        xtr = lattice_features(ftr, w, mask, **kw)
-        xte = lattice_features(fte, w, mask, **kw)
-        out[name] = _ridge_accuracy(xtr, ytr, xte, yte, cfg.decoder_alpha, data.n_classes)
-    out["raw_pixels"] = _ridge_accuracy(data.train_x[:n].flatten(1), ytr, data.test_x[:m].flatten(1), yte,
-                                        cfg.decoder_alpha, data.n_classes)
+        xtr, reach = lattice_features(ftr, w, mask, **kw)
+        xte, _ = lattice_features(fte, w, mask, **kw)
+        check_reach(f"evaluation ({name} lattice)", float(xtr.abs().max()), reach, cfg.present_steps)
+        out[name] = fair_readout(xtr, ytr, xte, yte, data.n_classes, seed=cfg.seed)
+        out[name]["reach_step"] = reach
+    rtr, rte = data.train_x[:n].flatten(1).to(dev), data.test_x[:m].flatten(1).to(dev)
+    out["raw_pixels"] = fair_readout(rtr, ytr, rte, yte, data.n_classes, seed=cfg.seed)
+    F = out["trained"]["features"]
+    out["random_features"] = fair_readout(random_features(rtr, F, cfg.seed), ytr, random_features(rte, F, cfg.seed),
+                                          yte, data.n_classes, seed=cfg.seed)
+    out["trained_minus_twin"] = out["trained"]["accuracy"] - out["untrained"]["accuracy"]
     out.update(train_samples=n, test_samples=int(yte.shape[0]), seconds=time.perf_counter() - t0)
     return out
 
@@ -87,7 +160,7 @@ def build_report(trainer) -> dict:
         version=__version__, config=trainer.cfg.to_dict(), data=trainer.data.name,
         stages=stages, quality=evaluate_quality(trainer),
         monitor_overhead=monitor / max(train, 1e-12), train_seconds=train, monitor_seconds=monitor,
-        final_dims=list(trainer.w.shape[1:]), device=device_name(trainer.w.device))
+        final_dims=list(trainer.w.shape[-3:]), device=device_name(trainer.w.device))
 
 
 def device_name(device: torch.device) -> str:
@@ -108,9 +181,11 @@ def summary_table(report: dict) -> str:
                     f" | {s['peak_memory_bytes'] / 2**20:.1f} MiB |")
     q = report["quality"]
     rows.append("")
-    rows.append(f"held-out accuracy: trained lattice {100 * q['trained']:.1f}%, untrained "
-                f"{100 * q['untrained']:.1f}%, raw pixels {100 * q['raw_pixels']:.1f}%; "
-                f"monitor overhead {100 * report['monitor_overhead']:.1f}% of training time")
+    acc = {k: 100 * q[k]["accuracy"] for k in ("trained", "untrained", "raw_pixels", "random_features")}
+    rows.append(f"held-out accuracy (ridge, alpha by CV): trained lattice {acc['trained']:.1f}%, untrained twin "
+                f"{acc['untrained']:.1f}%, raw pixels {acc['raw_pixels']:.1f}%, random features "
+                f"{acc['random_features']:.1f}%; monitor overhead {100 * report['monitor_overhead']:.1f}% of "
+                "training time")
     if report.get("device"):
         rows.append(f"device: {report['device']}")
     return "\n".join(rows)
@@ -165,7 +240,8 @@ def _plots(report: dict, trainer, out: pathlib.Path) -> list:
 
     from .emergence import power_spectrum, weight_field
 
-    P = power_spectrum(weight_field(trainer.w, trainer.mask)).to("cpu", torch.float64)  # plotted on the CPU
+    w = trainer.w.norm(dim=(1, 2)) if trainer.w.dim() == 6 else trainer.w  # the mixing form: each synapse's norm
+    P = power_spectrum(weight_field(w, trainer.mask)).to("cpu", torch.float64)  # plotted on the CPU
     dims = P.shape
     grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64, device="cpu") for n in dims], indexing="ij")
     radius = torch.sqrt(sum(g ** 2 for g in grids))

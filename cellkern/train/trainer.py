@@ -37,6 +37,7 @@ ending with exactly the one-process run's state.
 """
 from __future__ import annotations
 
+import math
 import pathlib
 import time
 from typing import Callable, Optional
@@ -49,7 +50,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .planning import fit_stage, resolve_device, stage_estimate
 from .config import ScheduleConfig, load_config, save_config
 from .layouts import make_layout
-from .monitor import BOUNDARY, PrequentialDecoder, drive
+from .monitor import BOUNDARY, PrequentialDecoder, Presentation, check_reach, drive
 from ..rules import PlasticityState
 from .config import make_rule, profile
 from .transfer import transfer
@@ -68,6 +69,9 @@ def prune_stage(w: torch.Tensor, mask: Optional[torch.Tensor], keep: float, *, s
     ``of="stencil"``, so consecutive stages with 0.3 keep 30% of the stencil,
     not 30% of 30%), the survivors rescaled to the cell's Σ|w| before."""
     kw = dict(of="stencil", stencil=stencil, boundary=BOUNDARY)
+    if w.dim() == 6:  # the mixing form prunes by synapse: the norm of its C × C matrix; survivors keep their values
+        score = w.norm(dim=(1, 2))
+        return w, sparse.prune(score, mask, keep, **kw)
     new = sparse.prune(w, mask, keep, **kw)
     old = sparse.prune(w, mask, 1.0, **kw)   # the live synapses before
     return rescale_survivors(w, old, new, w_min, w_max), new
@@ -160,6 +164,8 @@ class Trainer:
         if parallel is not None and self.device.type != "cpu":
             raise ValueError(f"Trainer: parallel={parallel!r} runs its processes on the CPU (gloo); "
                              f"config: device must be \"cpu\", got {self.cfg.device!r}")
+        if parallel is not None and self.cfg.model == "mixing":
+            raise ValueError(f"Trainer: parallel={parallel!r} runs the shared model only; config: model is 'mixing'")
         self.par = make_layout(parallel, self.cfg)
         self.out = None if out is None else pathlib.Path(out)
         self.log, self.progress, self.stop_after = log, progress, stop_after
@@ -170,7 +176,7 @@ class Trainer:
         self.stage, self.step, self.started, self.done_steps = 0, 0, False, 0
         self.w = self.mask = self.pstate = self.s = self.x = self.batch_y = None
         self.clusters = self.factor = self.lr_amplification = self.y_prev = None
-        self.w_initial = None
+        self.w_initial = self.beta = self.pres = None
         self.records: list = []
         self.decoder = None
         if self.out is not None and self.par.is_writer:
@@ -197,7 +203,8 @@ class Trainer:
         return t
 
     # -- state ---------------------------------------------------------------------------------
-    _TENSORS = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "lr_amplification", "y_prev", "w_initial")
+    _TENSORS = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "lr_amplification", "y_prev", "w_initial",
+                "beta")
     _VALUES = ("stage", "step", "started", "done_steps", "records", "decoder")
 
     def state_dict(self) -> dict:
@@ -208,6 +215,7 @@ class Trainer:
         d = {k: getattr(self, k) for k in self._TENSORS + self._VALUES}
         d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
         d["gen"] = self.gen.get_state()
+        d["presentation"] = None if self.pres is None else vars(self.pres).copy()
         if sharded:
             self.par.shard(self)
         return d
@@ -221,6 +229,10 @@ class Trainer:
             setattr(self, k, here(d[k]) if k in self._TENSORS else d[k])
         self.pstate = None if d["pstate"] is None else PlasticityState(**{k: here(v) for k, v in d["pstate"].items()})
         self.gen.set_state(d["gen"])
+        self.pres = None
+        if d.get("presentation") is not None:
+            self.pres = Presentation(d["presentation"]["steps"], d["presentation"]["features"])
+            vars(self.pres).update({k: here(v) for k, v in d["presentation"].items()})
 
     def checkpoint(self) -> Optional[pathlib.Path]:
         if self.out is None:
@@ -230,14 +242,30 @@ class Trainer:
 
     # -- stage set-up --------------------------------------------------------------------------
     def _fresh_weights(self, dims, seed) -> torch.Tensor:
+        """Shared model: uniform in [w_min, w_min + w_init]. Mixing model (SPEC §11): zero-mean normal
+        ``[K, C, C, D, H, W]`` with std ``init_gain / sqrt(K_live · C)``, ``K_live`` the offsets the
+        connectivity keeps."""
         g = torch.Generator(device="cpu").manual_seed(seed)
-        K, r = make_stencil(self.cfg.stencil).K, self.cfg.rule
-        return (r.w_min + r.w_init * torch.rand((K, *dims), generator=g, device="cpu")).to(self.device)
+        cfg, r = self.cfg, self.cfg.rule
+        st = make_stencil(cfg.stencil)
+        if cfg.model == "mixing":
+            C = cfg.channels
+            k_live = sum(1 for o in st.offset_tuples if cfg.connectivity == "full" or o[0] == -1)
+            std = cfg.init_gain / math.sqrt(max(k_live, 1) * C)
+            return (std * torch.randn((st.K, C, C, *dims), generator=g, device="cpu")).to(self.device)
+        return (r.w_min + r.w_init * torch.rand((st.K, *dims), generator=g, device="cpu")).to(self.device)
+
+    def _connectivity(self, dims) -> Optional[torch.Tensor]:
+        """The bool ``[K, D, H, W]`` mask of ``connectivity = "feedforward"`` (offsets with dz = −1), else None."""
+        if self.cfg.connectivity == "full":
+            return None
+        ff = torch.tensor([o[0] == -1 for o in make_stencil(self.cfg.stencil).offset_tuples], device=self.device)
+        return ff.view(-1, 1, 1, 1).expand(-1, *dims).contiguous()
 
     def start_stage(self) -> None:
         cfg, st = self.cfg, self.cfg.stages[self.stage]
         dims = fit_stage(cfg, st, log=self.log)
-        r = cfg.rule
+        r, mixing = cfg.rule, cfg.model == "mixing"
         if self.device.type == "cuda":  # the stage's measured peak (_held_bytes) is its own
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.w is None or not st.transfer_learning:
@@ -249,10 +277,20 @@ class Trainer:
             mask = self.mask
             if mask is not None:  # synapses outside the lattice count as live, or a face layer's void moves inward
                 mask = mask | ~live_synapses(None, geometry("trainer", self.cfg.stencil, BOUNDARY), tuple(self.w.shape[1:]), self.w.device)
-            w, theta, mask = transfer(self.w, self.pstate.theta, mask, dims, w_min=r.w_min, w_max=r.w_max)
-        self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0, device=self.device)  # traces reset
-        if theta is not None:
-            self.pstate.theta.copy_(theta)
+            if mixing:  # signed weights, β resampled like θ
+                w, theta, mask = transfer(self.w, self.beta, mask, dims, w_min=-math.inf, w_max=math.inf)
+            else:
+                w, theta, mask = transfer(self.w, self.pstate.theta, mask, dims, w_min=r.w_min, w_max=r.w_max)
+        conn = self._connectivity(dims)
+        if conn is not None:
+            mask = conn if mask is None else mask & conn
+        if mixing:
+            self.pstate = None
+            self.beta = torch.zeros((cfg.channels, *dims), device=self.device) if theta is None else theta
+        else:
+            self.pstate = PlasticityState.create(dims, cfg.batch, theta0=r.theta0, device=self.device)  # traces reset
+            if theta is not None:
+                self.pstate.theta.copy_(theta)
         if st.sparse_keep < 1:
             w, mask = prune_stage(w, mask, st.sparse_keep, stencil=cfg.stencil, w_min=r.w_min, w_max=r.w_max)
         if mask is None and not st.memory_optimizations:
@@ -267,7 +305,7 @@ class Trainer:
             name=st.name, requested_dims=list(st.dims), dims=list(dims), steps=st.steps,
             profile=st.plasticity_profile, keep=st.sparse_keep, seconds=0.0, train_seconds=0.0,
             monitor_seconds=0.0, estimated_memory_bytes=stage_estimate(cfg, st, dims), history=[], cluster_sizes=[],
-            transferred=bool(st.transfer_learning and self.stage > 0)))
+            transferred=bool(st.transfer_learning and self.stage > 0), max_abs_feature=0.0, reach_step=0))
         self.started = True
         self.log(f"stage {self.stage + 1}/{len(cfg.stages)} {st.name}: {'x'.join(map(str, dims))}, "
                  f"profile {st.plasticity_profile}, keep {st.sparse_keep}, "
@@ -280,8 +318,10 @@ class Trainer:
         N = self.data.train_x.shape[0]
         idx = torch.randint(0, N, (self.cfg.batch,), generator=self.gen, device="cpu")
         faces = to_face(self.data.train_x[idx].to(self.device), dims[1], dims[2])
-        self.x = self.par.local_input(drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain))
+        mode = "channel0" if self.cfg.model == "mixing" else "gain"
+        self.x = self.par.local_input(drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain, mode))
         self.s = torch.zeros_like(self.x)
+        self.pres = Presentation(self.cfg.present_steps, self.cfg.features)
         self.batch_y = self.data.train_y[idx].to(self.device)
 
     def run_stage(self) -> bool:
@@ -292,6 +332,7 @@ class Trainer:
         rec = self.records[-1]
         dims = tuple(rec["dims"])
         prof = profile(st.plasticity_profile)
+        mixing = cfg.model == "mixing"
         rule = make_rule(cfg.rule, prof, st.activity_threshold)
         thr = rule.activity_threshold
         kw = dict(stencil=cfg.stencil, boundary=BOUNDARY)
@@ -309,9 +350,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 if self.step % cfg.present_steps == 0 or self.s is None:
                     self._present(dims)
-                s_new = self.par.propagate(self, self.s, self.x, leak=cfg.leak, activation="tanh", **kw)
+                s_new = self.par.propagate(self, self.s, self.x, leak=cfg.leak, activation=cfg.activation, **kw)
                 y = ops.activity(self.s, s_new)
-                if prof.lr_multiplier > 0:
+                self.pres.observe(s_new)
+                end = (self.step + 1) % cfg.present_steps == 0
+                if mixing and end and prof.lr_multiplier > 0:  # once per presentation, on its settled state
+                    h = cfg.hebbian
+                    ops.competitive_hebbian_step_(self.w, s_new, self.beta, eta=h.eta * prof.lr_multiplier,
+                                                  tau=h.tau * prof.tau_scale, eta_beta=h.eta_beta * prof.lr_multiplier,
+                                                  average=h.average, mask=self.mask, **kw)
+                elif not mixing and prof.lr_multiplier > 0:
                     lr = prof.lr_multiplier if self.lr_amplification is None else prof.lr_multiplier * self.lr_amplification
                     w_before = self.w.clone() if self.factor is not None else None
                     self.par.plasticity_step_(self, y, rule, lr_scale=lr, activity_threshold=thr, **kw)
@@ -323,8 +371,13 @@ class Trainer:
                 self.s = s_new
                 self.step += 1
                 self.done_steps += 1
-                if self.step % cfg.present_steps == 0 and st.decoder_monitoring:
-                    self.decoder.observe(self.par.features(self.s), self.batch_y)
+                if end and st.decoder_monitoring:
+                    feats = self.par.features(self.s) if cfg.features == "face" else self.pres.features_of(self.s)
+                    rec["max_abs_feature"] = max(rec["max_abs_feature"], float(feats.abs().max()))
+                    reach = self.pres.reach
+                    rec["reach_step"] = None if reach is None or rec["reach_step"] is None else max(
+                        rec["reach_step"], reach)
+                    self.decoder.observe(feats, self.batch_y)
                 if st.clustering_enabled and self.step % cfg.cluster_every == 0:
                     self._recluster(y, rec)
                 rec["train_seconds"] += time.perf_counter() - t0
@@ -347,13 +400,18 @@ class Trainer:
         late = [h for h in rec["history"][len(rec["history"]) // 2:] if h.get("decoder_accuracy") is not None]
         n = sum(h["decoder_samples"] for h in late)
         rec["decoder_accuracy"] = sum(h["decoder_accuracy"] * h["decoder_samples"] for h in late) / n if n else None
+        if st.decoder_monitoring:
+            check_reach(f"stage {self.stage + 1} ({st.name})", rec["max_abs_feature"], rec["reach_step"],
+                        cfg.present_steps)
         self.stage, self.step, self.started = self.stage + 1, 0, False
         self.checkpoint()
         return True
 
     def _live_count(self) -> int:
-        live = live_synapses(self.mask, geometry("trainer", self.cfg.stencil, BOUNDARY), tuple(self.w.shape[1:]), self.w.device)
-        return int(self.w.numel() if live is None else live.sum())
+        dims = tuple(self.w.shape[-3:])
+        live = live_synapses(self.mask, geometry("trainer", self.cfg.stencil, BOUNDARY), dims, self.w.device)
+        pairs = self.w.shape[1] * self.w.shape[2] if self.w.dim() == 6 else 1  # channel pairs per synapse
+        return int(live.sum()) * pairs
 
     def _held_bytes(self) -> int:
         """Measured bytes of the stage's tensors: on CPU the live tensors it
@@ -361,7 +419,7 @@ class Trainer:
         scale) plus one step's s'; on CUDA ``torch.cuda.max_memory_allocated``.
         (``process_peak_rss_bytes`` in the report is the whole process's peak.)"""
         ts = [self.w, self.mask, self.s, self.x, self.factor, self.lr_amplification, self.clusters, self.y_prev,
-              self.pstate.x_pre, self.pstate.x_post, self.pstate.theta]
+              self.beta] + ([] if self.pstate is None else [self.pstate.x_pre, self.pstate.x_post, self.pstate.theta])
         held = sum(t.numel() * t.element_size() for t in ts if t is not None)
         if self.w.is_cuda:
             return int(torch.cuda.max_memory_allocated(self.w.device))
@@ -391,7 +449,8 @@ class Trainer:
         if st.emergence_tracking:
             from .emergence import branching_ratio, emergence_metrics, saliency, weight_field
 
-            field = weight_field(*self.par.full_weights(self))
+            w, mask = self.par.full_weights(self)
+            field = weight_field(w.norm(dim=(1, 2)) if w.dim() == 6 else w, mask)
             h["weights"] = {k: float(v) for k, v in emergence_metrics(field).items()}
             h["activity_field"] = {k: float(v) for k, v in emergence_metrics(y.mean(0).float()).items()}
             if self.y_prev is not None:
