@@ -78,9 +78,14 @@ def rescale_survivors(w: torch.Tensor, live_before: torch.Tensor, live_after: to
 
 def load_dataset(cfg: ScheduleConfig):
     """The run's data: ``"digits"`` (bundled with scikit-learn) or an IDX image file
-    with its labels (``data_labels``, or MNIST's naming: ``images`` → ``labels``)."""
+    with its labels (``data_labels``, or MNIST's naming: ``images`` → ``labels``);
+    for ``task = "qa"`` the (question, answer) pairs of :func:`cellkern.train.text.load_qa`."""
     from . import data
 
+    if cfg.task == "qa":
+        from .text import load_qa
+
+        return load_qa(cfg.data, seed=cfg.seed)
     if cfg.data == "digits":
         return data.load_digits(seed=cfg.seed)
     return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
@@ -160,6 +165,11 @@ class Trainer:
         self.w_initial = None
         self.records: list = []
         self.decoder = None
+        self.qa = None  # the text task (task = "qa"): encoder, readout, optimiser, its stage loop
+        if self.cfg.task == "qa":
+            from .qa import QATask
+
+            self.qa = QATask(self.cfg, self.data, parallel)
         if self.out is not None and self.par.is_writer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / CONFIG_NAME)
@@ -191,6 +201,7 @@ class Trainer:
         d = {k: getattr(self, k) for k in self._TENSORS + self._VALUES}
         d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
         d["gen"] = self.gen.get_state()
+        d["qa"] = None if self.qa is None else self.qa.state_dict()
         if sharded:
             self.par.shard(self)
         return d
@@ -200,6 +211,8 @@ class Trainer:
             setattr(self, k, d[k])
         self.pstate = None if d["pstate"] is None else PlasticityState(**d["pstate"])
         self.gen.set_state(d["gen"])
+        if self.qa is not None:
+            self.qa.load_state_dict(d["qa"])
 
     def checkpoint(self) -> Optional[pathlib.Path]:
         if self.out is None:
@@ -263,6 +276,8 @@ class Trainer:
 
     def run_stage(self) -> bool:
         """Run the current stage to its end; False when stopped by ``stop_after``."""
+        if self.qa is not None:
+            return self.qa.run_stage(self)
         cfg, st = self.cfg, self.cfg.stages[self.stage]
         if not self.started:
             self.start_stage()
