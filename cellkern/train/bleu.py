@@ -40,7 +40,7 @@ def tokenize_13a(line: str) -> str:
 
     Example:
         >>> tokenize_13a("Hello, world! It's 3.5-4 km.")
-        "Hello , world ! It ' s 3.5 - 4 km ."
+        "Hello , world ! It's 3.5 - 4 km ."
     """
     line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
     if "&" in line:

@@ -1,8 +1,8 @@
 """Question → answer through the lattice (``task = "qa"``): gradient stages, the BLEU monitor, the baselines.
 
 A question's sentence vector (:class:`~cellkern.train.text.SentenceEncoder`,
-256 values) is laid on the input face as a 16 × 16 image (resampled to the
-face's H × W) and drives it like an image does (:func:`cellkern.train.monitor.drive`).
+256 values, unit norm) is scaled to unit RMS (× 16) and laid on the input face
+as a 16 × 16 image (resampled to the face's H × W) and drives it like an image does (:func:`cellkern.train.monitor.drive`).
 A presentation runs ``present_steps`` (T) propagation steps from the zero
 state; the output face, average-pooled to 16 × 16 per channel, goes through a
 linear readout ``[256, C·256]`` (+ bias) to the predicted answer vector.
@@ -191,7 +191,9 @@ class QATask:
 
     # -- the model -----------------------------------------------------------------------------
     def drive(self, vectors: torch.Tensor, dims) -> torch.Tensor:
-        faces = to_face(vectors.view(-1, *FACE), dims[1], dims[2])
+        """The drive of unit sentence vectors ``[n, 256]``: scaled by √256 to unit
+        RMS per value, laid out 16 × 16, resampled to the face, × ``input_gain · (c+1)/C``."""
+        faces = to_face(vectors.view(-1, *FACE) * math.sqrt(ENCODER_DIM), dims[1], dims[2])
         return drive(faces, self.cfg.channels, dims[0], self.cfg.input_gain)
 
     def forward(self, wc, mask, vectors, dims, checkpoint_every, readout) -> tuple:
