@@ -224,6 +224,14 @@ class QATask:
         B = self.cfg.batch
         return torch.cat([self.present(w, mask, vectors[i:i + B], dims, st)[2] for i in range(0, len(vectors), B)])
 
+    @torch.no_grad()
+    def features(self, w, mask, vectors, dims, st) -> torch.Tensor:
+        """The readout's input features ``[n, C·256]`` of ``vectors``, B at a time."""
+        B, out = self.cfg.batch, []
+        for i in range(0, len(vectors), B):
+            out.append(readout_features(self.present(w, mask, vectors[i:i + B], dims, st)[1]))
+        return torch.cat(out)
+
     @staticmethod
     def loss(pred, target) -> torch.Tensor:
         """``mean(1 − cos(pred, target))`` over the batch."""
@@ -420,6 +428,10 @@ def evaluate_qa(trainer) -> dict:
       on the training pairs, given for every question;
     * ``tfidf_retrieval`` (held out) — the answer of the training question
       nearest by plain (unprojected) TF-IDF cosine;
+    * ``untrained_lattice_ridge`` — the lattice with its initial weights (stage
+      1's, resampled to the final dims and pruned as the last stage) and a
+      closed-form ridge readout (α = ``decoder_alpha``) fitted on every
+      training pair: what a readout alone gets from an untrained lattice;
     * ``answer_bank_oracle`` — per pair the bank answer with the best sentence
       BLEU against the reference (held out; on the training pairs it is 100 by
       construction: every training answer is in the bank).
@@ -443,6 +455,9 @@ def evaluate_qa(trainer) -> dict:
         res["copy_question"] = corpus_bleu(qs, refs)
         res["constant_answer"] = corpus_bleu([bank.texts[const]] * len(refs), refs)
         examples += [dict(set=name, question=qs[i], decoded=hyp[i], reference=refs[i]) for i in range(min(3, len(qs)))]
+    ridge = _untrained_ridge(trainer, dims, st)
+    for name, (qs, refs, Q) in sets.items():
+        out[name]["untrained_lattice_ridge"] = corpus_bleu(bank.decode(ridge(Q)), refs)
     tr = task.encoder.tfidf(data.train_q)
     nearest = []
     for i in range(0, len(data.test_q), 64):
@@ -457,11 +472,27 @@ def evaluate_qa(trainer) -> dict:
     return out
 
 
+def _untrained_ridge(trainer, dims, st):
+    """A function: question vectors → the answer vectors a ridge readout of the untrained lattice predicts."""
+    from .monitor import RidgeDecoder
+    from .transfer import resample_field
+    from .trainer import prune_stage
+
+    cfg, task = trainer.cfg, trainer.qa
+    w0 = resample_field(trainer.w_initial, dims).clamp_(cfg.rule.w_min, cfg.rule.w_max)
+    mask0 = None
+    if st.sparse_keep < 1:
+        w0, mask0 = prune_stage(w0, None, st.sparse_keep, stencil=cfg.stencil, w_min=cfg.rule.w_min,
+                                w_max=cfg.rule.w_max)
+    ridge = RidgeDecoder(alpha=cfg.decoder_alpha).fit(task.features(w0, mask0, task.q_train, dims, st), task.a_train)
+    return lambda Q: ridge.predict(task.features(w0, mask0, Q, dims, st))
+
+
 def qa_summary(report: dict) -> list:
     """The report's BLEU lines (Markdown)."""
     q = report["quality"]
-    names = ("lattice", "identity_lattice", "copy_question", "constant_answer", "tfidf_retrieval",
-             "answer_bank_oracle")
+    names = ("lattice", "identity_lattice", "untrained_lattice_ridge", "copy_question", "constant_answer",
+             "tfidf_retrieval", "answer_bank_oracle")
     rows = ["", f"corpus BLEU (sacrebleu definition, 0-100) on {q['pairs']['train']} training and "
                 f"{q['pairs']['held_out']} held-out pairs:", "",
             "| | " + " | ".join(n.replace("_", " ") for n in names) + " |", "|---" * (len(names) + 1) + "|"]
