@@ -1,6 +1,7 @@
 # cellkern — the commands the README shows.
 #   make test       set up (venv, torch, build) and run the test suite
 #   make demo       set up and run the main job on its embedded data
+#   make demo-qa    the text task: question -> answer through the lattice, scored by BLEU
 #   make bench      run the benchmarks (results in benchmarks/results/)
 #   make gpu-check  GPU tests and benchmarks where CUDA exists (skips elsewhere)
 #
@@ -18,12 +19,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
-DEPS := numpy click matplotlib scikit-learn pyyaml pytest hypothesis pytest-benchmark ninja pybind11 setuptools wheel
+DEPS := numpy click matplotlib scikit-learn pyyaml chatterbot-corpus pytest hypothesis pytest-benchmark ninja pybind11 setuptools wheel
 STAMP := $(VENV)/.cellkern-deps
 EXT_STAMP := build/.cellkern-ext
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: setup test demo bench gpu-check info clean
+.PHONY: setup test demo demo-qa bench gpu-check info clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -50,6 +51,9 @@ test: setup
 
 demo: setup
 	$(PY) -m cellkern.train.cli run --out runs/demo
+
+demo-qa: setup
+	$(PY) -m cellkern.train.cli run --config examples/qa.toml --out runs/qa
 
 bench: setup
 	$(PY) -m benchmarks.propagate

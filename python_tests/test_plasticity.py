@@ -3,7 +3,6 @@ rule on a matrix of dims (odd, prime, 1-thick), stencils, boundaries (uniform
 and per axis), masks, batch sizes and weight dtypes, after one and after
 several steps. Analytic cases, the fused step against the sequence and the
 invariants are in test_plasticity_rules.py."""
-import math
 import random
 import zlib
 
@@ -11,10 +10,8 @@ import pytest
 import torch
 
 import cellkern as ck
-from cellkern.stencil import live_synapses
 
-from conftest import (LOW_PRECISION, all_backends, assert_matches_reference, backend_params, copy_state as _copy,
-                      interpreted, skip_unsupported_dtype)
+from conftest import (LOW_PRECISION, assert_matches_reference, backend_params, interpreted, skip_unsupported_dtype)
 
 STENCILS = ["von_neumann", "moore18", "moore", "radius(2)"]
 BOUNDARIES = ["periodic", "zero", ("zero", "periodic", "periodic"), ("periodic", "zero", "periodic"),

@@ -78,6 +78,8 @@ def profile(name: str) -> Profile:
 
 
 PROFILES = tuple(PROFILE_TABLE)
+#: what a run learns: image labels (SPEC §12) or question → answer text (issue 16)
+TASKS = ("classify", "qa")
 #: the named stencils a schedule may use (radius(r) stencils are for the ops)
 SCHEDULE_STENCILS = tuple(n for n in NAMED_STENCILS if n != "radius(r)")
 
@@ -184,6 +186,9 @@ class StageConfig:
             ``monitor_every`` steps (SPEC §9). Default: True.
         transfer_learning: start from the previous stage's weights, θ and mask
             resampled to the new dims (True) or from fresh weights (False). Default: True.
+        gradient_lr: with ``task = "qa"``, the Adam learning rate of the
+            gradient step each stage step takes (:mod:`cellkern.train.qa`); 0:
+            no gradient step (plasticity only). Must be 0 for ``classify``. Default: 0.0.
     """
 
     name: str = "stage"
@@ -198,6 +203,7 @@ class StageConfig:
     progressive_scaling: bool = True
     decoder_monitoring: bool = True
     transfer_learning: bool = True
+    gradient_lr: float = 0.0
 
     def validate(self, ctx: str = "stage") -> "StageConfig":
         _check(ctx, "name", self.name, str)
@@ -210,6 +216,7 @@ class StageConfig:
                     "decoder_monitoring", "transfer_learning"):
             _check(ctx, key, getattr(self, key), bool)
         self.sparse_keep = _check(ctx, "sparse_keep", self.sparse_keep, float, unit=True)
+        self.gradient_lr = _check(ctx, "gradient_lr", self.gradient_lr, float, nonneg=True)
         return self
 
 
@@ -319,7 +326,9 @@ class ScheduleConfig:
             ``input_gain · (c + 1) / C``. Default: 4.
         seed: seeds weights, data split, sampling and clustering. Default: 0.
         data: ``"digits"`` (scikit-learn's bundled 8×8 digits) or the path of
-            an IDX image file. Default: ``"digits"``.
+            an IDX image file; with ``task = "qa"``: ``"qa"`` (the English
+            chatterbot-corpus conversations) or a two-column ``.tsv``/``.txt``/``.csv``
+            file of (question, answer) pairs. Default: ``"digits"``.
         data_labels: the IDX label file that goes with ``data``. Default: None
             (MNIST's naming: ``train-images-idx3-ubyte`` → ``train-labels-idx1-ubyte``).
         budget: the memory budget, bytes or a string such as ``"24GB"``; None
@@ -366,6 +375,8 @@ class ScheduleConfig:
             last half), pooled to 8 × 8 per channel. Default: ``"face"``.
         init_gain: g of the mixing model's initial weights. Default: 1.0.
         hebbian: the mixing model's :class:`HebbianConfig`.
+        task: ``"classify"`` (images → labels, the ridge readout) or ``"qa"``
+            (question → answer vectors, scored by BLEU; :mod:`cellkern.train.qa`). Default: ``"classify"``.
     """
 
     stages: list = field(default_factory=default_stages)
@@ -396,6 +407,7 @@ class ScheduleConfig:
     eval_samples: int = 300
     rule: RuleConfig = field(default_factory=RuleConfig)
     hebbian: HebbianConfig = field(default_factory=HebbianConfig)
+    task: str = "classify"
 
     def validate(self) -> "ScheduleConfig":
         if not isinstance(self.stages, list) or not self.stages:
@@ -449,7 +461,24 @@ class ScheduleConfig:
         if not isinstance(self.rule, RuleConfig):
             raise TypeError(f"config: rule must be a RuleConfig, got {type(self.rule).__name__}")
         self.rule.validate()
+        _check("", "task", self.task, str, choices=TASKS)
+        self._check_task()
         return self
+
+    def _check_task(self) -> None:
+        """The task and its data agree; gradient steps only in the text task."""
+        qa_data = self.data == "qa" or self.data.lower().endswith((".tsv", ".txt", ".csv"))
+        if self.task == "qa" and not qa_data:
+            raise ValueError(f"config: task 'qa' needs data = 'qa' (chatterbot-corpus) or a .tsv/.txt/.csv pairs "
+                             f"file, got {self.data!r}")
+        if self.task == "qa" and self.data_labels is not None:
+            raise ValueError(f"config: data_labels is for IDX images; task 'qa' takes none, got {self.data_labels!r}")
+        if self.task == "classify" and self.data == "qa":
+            raise ValueError("config: data 'qa' is text; set task = 'qa'")
+        for i, st in enumerate(self.stages):
+            if self.task != "qa" and st.gradient_lr > 0:
+                raise ValueError(f"config: stages[{i}].gradient_lr needs task = 'qa' (the classification schedule "
+                                 f"learns by plasticity only), got {st.gradient_lr!r}")
 
     def budget_bytes(self) -> Optional[int]:
         """The budget in bytes (None: no budget given)."""

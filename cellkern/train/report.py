@@ -156,9 +156,15 @@ def build_report(trainer) -> dict:
     stages = [{k: v for k, v in r.items() if not k.startswith("_")} for r in trainer.records]
     train = sum(r["train_seconds"] for r in trainer.records)
     monitor = sum(r["monitor_seconds"] for r in trainer.records)
+    if trainer.qa is not None:
+        from .qa import evaluate_qa
+
+        quality = evaluate_qa(trainer)
+    else:
+        quality = evaluate_quality(trainer)
     return dict(
-        version=__version__, config=trainer.cfg.to_dict(), data=trainer.data.name,
-        stages=stages, quality=evaluate_quality(trainer),
+        version=__version__, task=trainer.cfg.task, config=trainer.cfg.to_dict(), data=trainer.data.name,
+        stages=stages, quality=quality,
         monitor_overhead=monitor / max(train, 1e-12), train_seconds=train, monitor_seconds=monitor,
         final_dims=list(trainer.w.shape[-3:]), device=device_name(trainer.w.device))
 
@@ -179,6 +185,10 @@ def summary_table(report: dict) -> str:
         rows.append(f"| {s['name']} | {'×'.join(map(str, s['dims']))} | {s['steps']} | {s['seconds']:.1f} | "
                     f"{s['synapse_updates_per_s'] / 1e6:.1f} M | {acc} | {s['estimated_memory_bytes'] / 2**20:.1f} MiB"
                     f" | {s['peak_memory_bytes'] / 2**20:.1f} MiB |")
+    if report.get("task") == "qa":
+        from .qa import qa_summary
+
+        return "\n".join(rows + qa_summary(report))
     q = report["quality"]
     rows.append("")
     acc = {k: 100 * q[k]["accuracy"] for k in ("trained", "untrained", "raw_pixels", "random_features")}
@@ -203,17 +213,20 @@ def _plots(report: dict, trainer, out: pathlib.Path) -> list:
     for s in report["stages"]:
         hs = s["history"]
         xs = [offset + h["step"] for h in hs]
-        acc = [(offset + h["step"], h["decoder_accuracy"]) for h in hs if h.get("decoder_accuracy") is not None]
-        if acc:
-            a1.plot(*zip(*acc), "o-", ms=3, label=s["name"])
+        for key, style in ((("bleu_train", "o-"), ("bleu_held_out", "s--")) if report.get("task") == "qa"
+                           else (("decoder_accuracy", "o-"),)):
+            acc = [(offset + h["step"], h[key]) for h in hs if h.get(key) is not None]
+            if acc:
+                a1.plot(*zip(*acc), style, ms=3, label=f"{s['name']} {key}" if report.get("task") == "qa" else s["name"])
         a2.plot(xs, [h["activity"] for h in hs], "-", label=s["name"])
         offset += s["steps"]
         for a in (a1, a2):
             a.axvline(offset, color="grey", lw=0.5, ls="--")
-    a1.set_ylabel("decoder accuracy (held out)")
+    a1.set_ylabel("monitor BLEU" if report.get("task") == "qa" else "decoder accuracy (held out)")
     a2.set_ylabel("mean activity")
     a2.set_xlabel("step")
-    a1.legend(fontsize=7)
+    if a1.get_lines():
+        a1.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "training.png")
     fig.savefig(paths[-1], dpi=100)

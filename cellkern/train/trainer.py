@@ -91,9 +91,14 @@ def rescale_survivors(w: torch.Tensor, live_before: torch.Tensor, live_after: to
 
 def load_dataset(cfg: ScheduleConfig):
     """The run's data: ``"digits"`` (bundled with scikit-learn) or an IDX image file
-    with its labels (``data_labels``, or MNIST's naming: ``images`` → ``labels``)."""
+    with its labels (``data_labels``, or MNIST's naming: ``images`` → ``labels``);
+    for ``task = "qa"`` the (question, answer) pairs of :func:`cellkern.train.text.load_qa`."""
     from . import data
 
+    if cfg.task == "qa":
+        from .text import load_qa
+
+        return load_qa(cfg.data, seed=cfg.seed)
     if cfg.data == "digits":
         return data.load_digits(seed=cfg.seed)
     return data.load_idx(cfg.data, cfg.data_labels, seed=cfg.seed)
@@ -179,6 +184,11 @@ class Trainer:
         self.w_initial = self.beta = self.pres = None
         self.records: list = []
         self.decoder = None
+        self.qa = None  # the text task (task = "qa"): encoder, readout, optimiser, its stage loop
+        if self.cfg.task == "qa":
+            from .qa import QATask
+
+            self.qa = QATask(self.cfg, self.data, parallel)
         if self.out is not None and self.par.is_writer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / CONFIG_NAME)
@@ -216,6 +226,7 @@ class Trainer:
         d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
         d["gen"] = self.gen.get_state()
         d["presentation"] = None if self.pres is None else vars(self.pres).copy()
+        d["qa"] = None if self.qa is None else self.qa.state_dict()
         if sharded:
             self.par.shard(self)
         return d
@@ -233,6 +244,8 @@ class Trainer:
         if d.get("presentation") is not None:
             self.pres = Presentation(d["presentation"]["steps"], d["presentation"]["features"])
             vars(self.pres).update({k: here(v) for k, v in d["presentation"].items()})
+        if self.qa is not None:
+            self.qa.load_state_dict(d["qa"])
 
     def checkpoint(self) -> Optional[pathlib.Path]:
         if self.out is None:
@@ -326,6 +339,8 @@ class Trainer:
 
     def run_stage(self) -> bool:
         """Run the current stage to its end; False when stopped by ``stop_after``."""
+        if self.qa is not None:
+            return self.qa.run_stage(self)
         cfg, st = self.cfg, self.cfg.stages[self.stage]
         if not self.started:
             self.start_stage()
