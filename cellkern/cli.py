@@ -46,7 +46,8 @@ def run(config_path, out, resume, progress, parallel) -> None:
     (or domain); the result equals the one-process run, rank 0 writes the files."""
     from .parallel import init_from_env, shutdown
     from .report import summary_table
-    from .trainer import Trainer
+    from .checkpoint import RunLockedError
+    from .trainer import RunInterrupted, Trainer
 
     world = init_from_env()
     if world > 1 and parallel is None:
@@ -62,7 +63,10 @@ def run(config_path, out, resume, progress, parallel) -> None:
         else:
             trainer = Trainer(_config(config_path), out, progress=progress, parallel=parallel)
         report = trainer.run()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except RunInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_status)
+    except (ValueError, TypeError, FileNotFoundError, RunLockedError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         shutdown()
