@@ -18,8 +18,8 @@ a GPU the soak loops the trainer's inner step instead — ``propagate``,
 ``activity``, ``plasticity_step_`` — on each stage's dims, fresh weights and
 state per loop, with the same schedule's batch, present steps and profiles.
 
-Samples, every ``--interval`` seconds from a background thread, and once
-after every run (the run's objects freed and ``gc.collect()`` called; the
+Samples, every ``--interval`` seconds (a background thread signals the main
+thread, which takes the sample between two bytecodes), and once after every run (the run's objects freed and ``gc.collect()`` called; the
 clean series for leaks):
 
 - ``rss_bytes``: the resident set (``/proc/self/statm``);
@@ -126,8 +126,9 @@ def live_tensors():
     return n, total
 
 
-def sample(device: torch.device, **extra) -> dict:
-    n, nbytes = live_tensors()
+def sample(device: torch.device, tensors: bool = True, **extra) -> dict:
+    """One sample; ``tensors`` only from the main thread (see :func:`main`)."""
+    n, nbytes = live_tensors() if tensors else (None, None)
     s = dict(t=time.time(), rss_bytes=rss_bytes(), tensors=n, tensor_bytes=nbytes, fds=open_fds(), **extra)
     if device.type == "cuda":
         s["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
@@ -382,7 +383,7 @@ def main(argv=None) -> int:
                       save_every_s=args.save_every, warmup_minutes=warmup, files=not args.no_files,
                       config=args.config or "benchmarks.soak.soak_config()", schedule=cfg.to_dict()),
         t_start=time.time(), samples=[], after_run=[], runs=[], status="running")
-    lock = threading.Lock()
+    lock = threading.RLock()          # RLock: the main thread's SIGUSR1 handler may take it inside the main loop
     stop = threading.Event()
     loop_no = [0]
 
@@ -398,12 +399,31 @@ def main(argv=None) -> int:
             print(f"soak: plot failed: {exc!r}", file=sys.stderr)
         return snap
 
+    # gc.get_objects() in a second thread can hand out objects the main thread
+    # is still building (a tuple being resized: "SystemError: bad argument to
+    # internal function"), so the tensors are counted in the main thread: the
+    # sampler thread sends it SIGUSR1, whose handler runs between bytecodes and
+    # drops its references before the interrupted code resumes.
+    main_ident = threading.main_thread().ident
+    in_main = hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1")
+
+    def on_usr1(signum, frame):
+        s = sample(device, run=loop_no[0])
+        with lock:
+            state["samples"].append(s)
+
+    if in_main:
+        signal.signal(signal.SIGUSR1, on_usr1)
+
     def sampler():
         last_save = time.time()
         while not stop.wait(args.interval):
-            s = sample(device, run=loop_no[0])
-            with lock:
-                state["samples"].append(s)
+            if in_main:
+                signal.pthread_kill(main_ident, signal.SIGUSR1)
+            else:
+                s = sample(device, tensors=False, run=loop_no[0])
+                with lock:
+                    state["samples"].append(s)
             if time.time() - last_save >= args.save_every:
                 save()
                 last_save = time.time()
@@ -438,6 +458,8 @@ def main(argv=None) -> int:
     finally:
         stop.set()
         th.join(timeout=60)
+        if in_main:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if state["status"] == "running":
             state["status"] = "completed" if time.time() >= deadline else "stopped"
         snap = save(final=True)
