@@ -442,10 +442,16 @@ def main(argv=None) -> int:
     th = threading.Thread(target=sampler, name="soak-sampler", daemon=True)
     th.start()
     deadline = state["t_start"] + args.minutes * 60
+    from cellkern.trainer import RunInterrupted
+
     try:
         while time.time() < deadline and not stop.is_set():
             loop_no[0] += 1
-            r = trainer_run(cfg, not args.no_files) if workload == "trainer" else ops_run(cfg, device)
+            try:
+                r = trainer_run(cfg, not args.no_files) if workload == "trainer" else ops_run(cfg, device)
+            except RunInterrupted as exc:        # the trainer caught SIGTERM/SIGINT during its run
+                state["status"] = f"stopped by signal {exc.signum}"
+                break
             r["run"], r["t_end"] = loop_no[0], time.time()
             gc.collect()
             s = sample(device, run=loop_no[0])

@@ -444,6 +444,8 @@ class Trainer:
             report = build_report(self) if self.par.is_writer else None
             if self.out is not None and self.par.is_writer:
                 write_report(report, self, self.out, log=self.log)
+            if self._signal is not None:          # arrived during the report: not swallowed
+                raise RunInterrupted(self._signal, self.out)
             return self.par.broadcast_object(report)
         finally:
             for sig, handler in previous.items():
