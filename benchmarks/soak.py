@@ -488,7 +488,9 @@ def report(snap: dict, out, png) -> None:
                          f"{f['slope_per_hour'] / scale:+.4g}{unit}/h",
                          f"[{f['slope_ci95'][0] / scale:+.3g}, {f['slope_ci95'][1] / scale:+.3g}]",
                          f"{f['residual_std'] / scale:.3g}{unit}"])
-    if rows:
+    if not rows:
+        print("too few samples after the warm-up for a slope (3 needed); run longer or shorten --warmup-minutes")
+    else:
         print(H.format_table([("samples", "<"), ("series", "<"), ("n", ">"), ("first", ">"), ("last", ">"),
                               ("slope", ">"), ("95% interval", ">"), ("resid std", ">")], rows))
     st = a.get("step_ms")
