@@ -13,8 +13,8 @@ checkpoints, report and plots) into a temporary folder that is deleted after
 the run (``--no-files``: ``out=None``, nothing on disk). Progress bars and log
 lines are off.
 
-Workload (``--device cuda``): the trainer keeps its tensors on the CPU, so on
-a GPU the soak loops the trainer's inner step instead — ``propagate``,
+Workload (``--device cuda``, or ``--workload ops``): the trainer keeps its
+tensors on the CPU, so on a GPU the soak loops the trainer's inner step instead — ``propagate``,
 ``activity``, ``plasticity_step_`` — on each stage's dims, fresh weights and
 state per loop, with the same schedule's batch, present steps and profiles.
 
@@ -295,7 +295,7 @@ def trainer_run(cfg, files: bool) -> dict:
 def ops_run(cfg, device: torch.device) -> dict:
     """The trainer's inner step on ``device`` (fresh weights and state per
     stage), for devices the trainer does not place tensors on."""
-    import cellkern as ck
+    from cellkern import ops as ck
     from cellkern.readout import BOUNDARY, drive
     from cellkern.rules import PlasticityState
     from cellkern.schedule import make_rule, profile
@@ -321,7 +321,7 @@ def ops_run(cfg, device: torch.device) -> dict:
                     faces = torch.rand((cfg.batch, dims[1], dims[2]), generator=g, device=device)
                     x = drive(faces, cfg.channels, dims[0], cfg.input_gain)
                     s = torch.zeros_like(x)
-                s_new = ck.propagate(s, w, None, x, leak=cfg.leak, activation="tanh", **kw)
+                s_new = ck.propagate(s, w, None, x=x, leak=cfg.leak, activation="tanh", **kw)
                 y = ck.activity(s, s_new)
                 if prof.lr_multiplier > 0:
                     ck.plasticity_step_(w, y, pstate, rule, lr_scale=prof.lr_multiplier,
@@ -349,6 +349,9 @@ def main(argv=None) -> int:
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between rewrites of the JSON/PNG")
     p.add_argument("--warmup-minutes", type=float, default=None, help="default: 10%% of --minutes")
     p.add_argument("--no-files", action="store_true", help="trainer runs keep nothing on disk (out=None)")
+    p.add_argument("--workload", choices=("trainer", "ops"), default=None,
+                   help="trainer: whole Trainer runs (CPU only); ops: the trainer's step loop on --device "
+                        "(default: trainer on cpu, ops on cuda)")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.interval <= 0 or args.save_every <= 0:
         p.error("--minutes, --interval and --save-every must be > 0")
@@ -368,7 +371,9 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config) if args.config else soak_config()
     cfg.validate()
-    workload = "trainer" if device.type == "cpu" else "ops"
+    workload = args.workload or ("trainer" if device.type == "cpu" else "ops")
+    if workload == "trainer" and device.type != "cpu":
+        p.error("--workload trainer runs on the CPU only (the trainer places its tensors there); use --workload ops")
     info = H.describe_machine(device)
     out = pathlib.Path(args.out) if args.out else H.results_path(SUITE, info)
     out.parent.mkdir(parents=True, exist_ok=True)
