@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import click
 
@@ -47,7 +48,8 @@ def run(config_path, out, resume, progress, parallel, device) -> None:
     (or domain); the result equals the one-process run, rank 0 writes the files."""
     from .layouts import init_from_env, shutdown
     from .report import summary_table
-    from .trainer import Trainer
+    from .checkpoint import RunLockedError
+    from .trainer import RunInterrupted, Trainer
 
     world = init_from_env()
     if world > 1 and parallel is None:
@@ -66,7 +68,10 @@ def run(config_path, out, resume, progress, parallel, device) -> None:
                 cfg.device = device
             trainer = Trainer(cfg, out, progress=progress, parallel=parallel)
         report = trainer.run()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except RunInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_status)
+    except (ValueError, TypeError, FileNotFoundError, RunLockedError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         shutdown()

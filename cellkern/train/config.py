@@ -17,8 +17,10 @@ the same structure::
 
 Unknown keys are an error that names them; missing keys take the defaults
 below, so a config written for an older version keeps working. Wrong types
-are a ``TypeError`` and bad values a ``ValueError``, each naming the key, the
-expected and the received value.
+are a :class:`ConfigTypeError` (a ``TypeError`` that is also a ``ValueError``,
+so that every bad file is a ``ValueError``) and bad values a ``ValueError``,
+each naming the key, the expected and the received value; a file that does
+not parse is a ``ValueError`` naming the file.
 """
 from __future__ import annotations
 
@@ -35,7 +37,19 @@ from ..stencil import NAMED_STENCILS
 from ..stencil import stencil as make_stencil
 from .monitor import FEATURES
 
-__all__ = ["StageConfig", "RuleConfig", "ScheduleConfig", "load_config", "save_config", "config_from_dict"]
+__all__ = ["StageConfig", "RuleConfig", "ScheduleConfig", "ConfigTypeError", "load_config", "save_config",
+           "config_from_dict"]
+
+#: the largest dim along an axis (int32 indices) and the most cells of a lattice:
+#: 2⁴⁰ cells hold 114 TB of fp32 moore weights, beyond any device
+MAX_DIM, MAX_CELLS = 2**31 - 1, 2**40
+#: seeds: the trainer derives per-stage seeds as seed·1000 + stage, within torch's 64 bits
+MAX_SEED = 2**53
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type (both a TypeError and a ValueError)."""
+
 
 
 
@@ -95,21 +109,21 @@ def _check(ctx, key, value, kind, *, positive=False, nonneg=False, unit=False, c
         return None
     if kind is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"config: {name} must be true or false, got {type(value).__name__} {value!r}")
+            raise ConfigTypeError(f"config: {name} must be true or false, got {type(value).__name__} {value!r}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"config: {name} must be an integer, got {type(value).__name__} {value!r}")
+            raise ConfigTypeError(f"config: {name} must be an integer, got {type(value).__name__} {value!r}")
         value = int(value)
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"config: {name} must be a number, got {type(value).__name__} {value!r}")
+            raise ConfigTypeError(f"config: {name} must be a number, got {type(value).__name__} {value!r}")
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"config: {name} must be finite, got {value!r}")
     elif kind is str:
         if not isinstance(value, str):
-            raise TypeError(f"config: {name} must be a string, got {type(value).__name__} {value!r}")
+            raise ConfigTypeError(f"config: {name} must be a string, got {type(value).__name__} {value!r}")
     if positive and not value > 0:
         raise ValueError(f"config: {name} must be > 0, got {value!r}")
     if nonneg and not value >= 0:
@@ -125,14 +139,19 @@ def check_dims(ctx: str, dims) -> tuple:
     """``dims`` as a tuple of 3 positive ints, or a clear error."""
     name = _where(ctx, "dims")
     if not isinstance(dims, (list, tuple)):
-        raise TypeError(f"config: {name} must be a list of 3 integers [D, H, W], got {type(dims).__name__} {dims!r}")
+        raise ConfigTypeError(f"config: {name} must be a list of 3 integers [D, H, W], got {type(dims).__name__} {dims!r}")
     if len(dims) != 3:
         raise ValueError(f"config: {name} must have 3 entries [D, H, W], got {len(dims)}: {list(dims)!r}")
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
-            raise TypeError(f"config: {name} must hold integers, got {type(d).__name__} {d!r} in {list(dims)!r}")
+            raise ConfigTypeError(f"config: {name} must hold integers, got {type(d).__name__} {d!r} in {list(dims)!r}")
         if d <= 0:
             raise ValueError(f"config: {name} must be positive, got {list(dims)!r}")
+        if d > MAX_DIM:
+            raise ValueError(f"config: {name} must be at most {MAX_DIM} along each axis, got {list(dims)!r}")
+    if math.prod(int(d) for d in dims) > MAX_CELLS:
+        raise ValueError(f"config: {name} must hold at most 2**40 cells, got {list(dims)!r} "
+                         f"({math.prod(int(d) for d in dims):.3g} cells)")
     return tuple(int(d) for d in dims)
 
 
@@ -414,7 +433,7 @@ class ScheduleConfig:
             raise ValueError(f"config: stages must be a non-empty list of stages, got {self.stages!r}")
         for i, st in enumerate(self.stages):
             if not isinstance(st, StageConfig):
-                raise TypeError(f"config: stages[{i}] must be a StageConfig, got {type(st).__name__}")
+                raise ConfigTypeError(f"config: stages[{i}] must be a StageConfig, got {type(st).__name__}")
             st.validate(f"stages[{i}]")
         _check("", "model", self.model, str, choices=MODELS)
         _check("", "stencil", self.stencil, str)
@@ -446,20 +465,28 @@ class ScheduleConfig:
                     "decoder_buffer", "eval_samples"):
             _check("", key, getattr(self, key), int, positive=True)
         _check("", "seed", self.seed, int, nonneg=True)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"config: seed must be at most 2**53, got {self.seed!r}")
         _check("", "data", self.data, str)
         _check("", "data_labels", self.data_labels, str, optional=True)
         if self.budget is not None and not isinstance(self.budget, str):
             _check("", "budget", self.budget, int, positive=True)
         self.device = check_device(self.device)
-        for key in ("input_gain", "leak", "kappa", "amplification", "decoder_alpha"):
+        if isinstance(self.budget, str):
+            try:
+                self.budget_bytes()
+            except ValueError as exc:
+                raise ValueError(f"config: budget: {exc}") from None
+        for key in ("input_gain", "leak", "kappa", "amplification"):
             setattr(self, key, _check("", key, getattr(self, key), float, nonneg=True))
+        self.decoder_alpha = _check("", "decoder_alpha", self.decoder_alpha, float, positive=True)
         if self.leak > 1:
             raise ValueError(f"config: leak must be in [0, 1], got {self.leak!r}")
         if self.kappa >= 1:
             raise ValueError(f"config: kappa must be in [0, 1), got {self.kappa!r}")
         _check("", "checkpoint_every", self.checkpoint_every, int, positive=True, optional=True)
         if not isinstance(self.rule, RuleConfig):
-            raise TypeError(f"config: rule must be a RuleConfig, got {type(self.rule).__name__}")
+            raise ConfigTypeError(f"config: rule must be a RuleConfig, got {type(self.rule).__name__}")
         self.rule.validate()
         _check("", "task", self.task, str, choices=TASKS)
         self._check_task()
@@ -503,9 +530,9 @@ class ScheduleConfig:
 
 def _build(cls, data, ctx: str):
     if not isinstance(data, dict):
-        raise TypeError(f"config: {ctx or 'the config'} must be a table of keys, got {type(data).__name__}")
+        raise ConfigTypeError(f"config: {ctx or 'the config'} must be a table of keys, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=repr)
     if unknown:
         where = f" in {ctx}" if ctx else ""
         raise ValueError(f"config: unknown key(s){where}: {', '.join(map(repr, unknown))}; "
@@ -526,7 +553,7 @@ def config_from_dict(data: dict) -> ScheduleConfig:
     if "stages" in data:
         stages = data["stages"]
         if not isinstance(stages, list):
-            raise TypeError(f"config: stages must be a list of tables, got {type(stages).__name__}")
+            raise ConfigTypeError(f"config: stages must be a list of tables, got {type(stages).__name__}")
         data["stages"] = [StageConfig(**_build(StageConfig, s, f"stages[{i}]")) for i, s in enumerate(stages)]
     return ScheduleConfig(**data).validate()
 
@@ -541,14 +568,18 @@ def load_config(path) -> ScheduleConfig:
         with path.open("rb") as fh:
             try:
                 data = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ValueError(f"config: {path} is not valid TOML: {exc}") from None
     elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ImportError("config: YAML files need PyYAML (pip install pyyaml); TOML needs nothing") from None
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config: {path} is not valid YAML: {exc}") from None
+        data = {} if data is None else data
     else:
         raise ValueError(f"config: file must end in .toml, .yaml or .yml, got {str(path)!r}")
     return config_from_dict(data)
@@ -563,7 +594,7 @@ def _toml_value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"config: cannot write {type(v).__name__} {v!r} to TOML")
+    raise ConfigTypeError(f"config: cannot write {type(v).__name__} {v!r} to TOML")
 
 
 def save_config(config: ScheduleConfig, path) -> pathlib.Path:

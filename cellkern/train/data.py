@@ -11,6 +11,7 @@ Every loader returns a :class:`Dataset`: images ``float32`` in [0, 1], labels ``
 from __future__ import annotations
 
 import gzip
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -117,6 +118,19 @@ def _open(path):
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
+def _read_at_most(fh, nbytes: int, chunk: int = 1 << 24) -> bytes:
+    """``nbytes`` from ``fh``, or fewer at the end of the file, in chunks: a
+    header that announces more data than the file holds must not allocate it."""
+    parts, left = [], nbytes
+    while left > 0:
+        part = fh.read(min(left, chunk))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
 def read_idx(path, limit: Optional[int] = None) -> np.ndarray:
     """One IDX file (plain or gzip, told apart by its first bytes) as an array.
 
@@ -145,9 +159,11 @@ def read_idx(path, limit: Optional[int] = None) -> np.ndarray:
         if len(raw) < 4 * ndim:
             raise ValueError(f"read_idx: {path.name}: the header announces {ndim} dims but the file ends early")
         shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">i4"))
+        if min(shape) < 0:
+            raise ValueError(f"read_idx: {path.name}: the header announces negative dims {shape}")
         n = shape[0] if limit is None else min(shape[0], int(limit))
-        count = n * int(np.prod(shape[1:], dtype=np.int64))
-        data = fh.read(count * dtype.itemsize)
+        count = n * math.prod(shape[1:])
+        data = _read_at_most(fh, count * dtype.itemsize)
         if len(data) != count * dtype.itemsize or (n == shape[0] and fh.read(1)):
             raise ValueError(f"read_idx: {path.name}: shape {shape} of {dtype} needs "
                              f"{int(np.prod(shape, dtype=np.int64)) * dtype.itemsize} data bytes; the file holds "
@@ -184,6 +200,8 @@ def _pair(op, images_path, labels_path, limit):
         raise ValueError(f"{op}: labels must be integers (N,), got shape {y.shape} of {y.dtype}")
     if len(y) != len(x):
         raise ValueError(f"{op}: {Path(images_path).name} holds {len(x)} images but its labels {len(y)}")
+    if len(x) == 0:
+        raise ValueError(f"{op}: {Path(images_path).name} holds no images")
     if len(y) and y.min() < 0:
         raise ValueError(f"{op}: labels must be >= 0, got {int(y.min())}")
     return _scale(x), y.astype(np.int64)
@@ -221,6 +239,9 @@ def load_idx(images_path, labels_path=None, *, test_images=None, test_labels=Non
         raise ValueError(f"{op}: test_labels needs test_images")
     else:
         tr, te = stratified_split(y, frac, seed)
+        if len(tr) == 0 or len(te) == 0:
+            raise ValueError(f"{op}: {len(y)} images of {len(np.unique(y))} classes are too few to split into "
+                             f"training and test images by class; give more images or test_images")
         x, y, xt, yt = x[tr], y[tr], x[te], y[te]
     name = os.path.basename(str(images_path)).split(".")[0]
     return _dataset(x, y, xt, yt, name)

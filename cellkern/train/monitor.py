@@ -271,6 +271,26 @@ class PrequentialDecoder:
             n -= self.x.pop(0).shape[0]
             self.y.pop(0)
 
+    _FIT = ("weight", "bias", "mean", "scale", "labels")
+
+    def state_dict(self) -> dict:
+        """The decoder as data (numbers, lists of tensors, the fitted ridge's
+        tensors), for a checkpoint that loads with ``weights_only=True``."""
+        fit = None if self.decoder is None else {k: getattr(self.decoder, k) for k in self._FIT}
+        return dict(buffer=self.buffer, alpha=self.alpha, n_classes=self.n_classes, x=list(self.x), y=list(self.y),
+                    new=self.new, decoder=fit)
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "PrequentialDecoder":
+        """The decoder :meth:`state_dict` describes."""
+        dec = cls(d["buffer"], d["alpha"], d["n_classes"])
+        dec.x, dec.y, dec.new = list(d["x"]), list(d["y"]), int(d["new"])
+        if d["decoder"] is not None:
+            dec.decoder = RidgeDecoder(alpha=dec.alpha, n_classes=dec.n_classes)
+            for k in cls._FIT:
+                setattr(dec.decoder, k, d["decoder"][k])
+        return dec
+
     def evaluate(self) -> tuple:
         """``(accuracy, n)``: the previous fit's held-out accuracy on the ``n``
         new samples (None, 0 without a previous fit or new samples); then refit."""

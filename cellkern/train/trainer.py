@@ -22,6 +22,11 @@ Each stage, top to bottom:
 
 A killed run resumed from its checkpoint ends with exactly the weights of an
 uninterrupted run: every random draw comes from generators whose state is saved.
+SIGTERM or SIGINT (Ctrl-C) during :meth:`Trainer.run` of a one-process run
+writes a checkpoint at the next step boundary and raises
+:class:`RunInterrupted` (``cellkern run`` exits with 128 + the signal number);
+a second signal stops at once. The run folder is locked
+(:class:`~cellkern.checkpoint.RunLock`) while a trainer uses it.
 
 Every tensor of the run lives on ``device`` (the config key, or ``cellkern run
 --device``): weights, mask, traces, θ, cluster factors, lr amplification,
@@ -39,6 +44,8 @@ from __future__ import annotations
 
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -46,7 +53,7 @@ import torch
 import click
 
 from .. import ops, sparse
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunLock, load_checkpoint, save_checkpoint
 from .planning import fit_stage, resolve_device, stage_estimate
 from .config import ScheduleConfig, load_config, save_config
 from .layouts import make_layout
@@ -57,7 +64,7 @@ from .transfer import transfer
 from ..stencil import geometry, live_synapses
 from ..stencil import stencil as make_stencil
 
-__all__ = ["Trainer", "prune_stage", "rescale_survivors"]
+__all__ = ["Trainer", "RunInterrupted", "prune_stage", "rescale_survivors"]
 
 CONFIG_NAME = "config.toml"
 
@@ -139,6 +146,18 @@ def _peak_rss() -> Optional[int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class RunInterrupted(Exception):
+    """The run stopped on a signal after checkpointing at a step boundary;
+    ``exit_status`` is the conventional 128 + signal number."""
+
+    def __init__(self, signum: int, out):
+        name = signal.Signals(signum).name
+        where = (f"checkpoint written to {str(out)!r}; continue with `cellkern run --resume {out}`"
+                 if out is not None else "no run folder, nothing saved")
+        super().__init__(f"stopped by {name} at a step boundary: {where}")
+        self.signum, self.exit_status = signum, 128 + signum
+
+
 class Trainer:
     """Runs a :class:`~cellkern.config.ScheduleConfig` (see the module docstring).
 
@@ -189,7 +208,9 @@ class Trainer:
             from .qa import QATask
 
             self.qa = QATask(self.cfg, self.data, parallel)
+        self._parallel, self._signal, self._lock = parallel, None, None
         if self.out is not None and self.par.is_writer:
+            self._lock = RunLock(self.out).acquire()   # before anything is written into the folder
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / CONFIG_NAME)
 
@@ -208,7 +229,11 @@ class Trainer:
         if not (out / CHECKPOINT_NAME).is_file():
             t.log(f"resumed {out}: no checkpoint yet, starting from the beginning")
             return t
-        t.load_state_dict(load_checkpoint(out))
+        try:
+            t.load_state_dict(load_checkpoint(out))
+        except BaseException:
+            t.close()
+            raise
         t.log(f"resumed {out} at stage {min(t.stage + 1, len(t.cfg.stages))}, step {t.step}")
         return t
 
@@ -224,6 +249,7 @@ class Trainer:
         self.par.unshard(self)
         d = {k: getattr(self, k) for k in self._TENSORS + self._VALUES}
         d["pstate"] = None if self.pstate is None else vars(self.pstate).copy()
+        d["decoder"] = None if self.decoder is None else self.decoder.state_dict()
         d["gen"] = self.gen.get_state()
         d["presentation"] = None if self.pres is None else vars(self.pres).copy()
         d["qa"] = None if self.qa is None else self.qa.state_dict()
@@ -236,16 +262,32 @@ class Trainer:
         def here(v):
             return v.to(self.device) if isinstance(v, torch.Tensor) else v
 
-        for k in self._TENSORS + self._VALUES:
-            setattr(self, k, here(d[k]) if k in self._TENSORS else d[k])
-        self.pstate = None if d["pstate"] is None else PlasticityState(**{k: here(v) for k, v in d["pstate"].items()})
-        self.gen.set_state(d["gen"])
-        self.pres = None
-        if d.get("presentation") is not None:
-            self.pres = Presentation(d["presentation"]["steps"], d["presentation"]["features"])
-            vars(self.pres).update({k: here(v) for k, v in d["presentation"].items()})
-        if self.qa is not None:
-            self.qa.load_state_dict(d["qa"])
+        where = f" of {str(self.out / CHECKPOINT_NAME)!r}" if self.out is not None else ""
+        missing = [k for k in self._TENSORS + self._VALUES + ("pstate", "gen") if k not in d]
+        if missing:
+            raise CheckpointError(f"resume: the checkpoint{where} is not a checkpoint of this cellkern version: "
+                                  f"missing {', '.join(missing)}")
+        try:
+            for k in self._TENSORS + self._VALUES:
+                setattr(self, k, here(d[k]) if k in self._TENSORS else d[k])
+            self.decoder = None if d["decoder"] is None else PrequentialDecoder.from_state_dict(d["decoder"])
+            self.pstate = None if d["pstate"] is None else PlasticityState(**{k: here(v) for k, v in
+                                                                              d["pstate"].items()})
+            self.gen.set_state(d["gen"])
+            self.pres = None
+            if d.get("presentation") is not None:
+                self.pres = Presentation(d["presentation"]["steps"], d["presentation"]["features"])
+                vars(self.pres).update({k: here(v) for k, v in d["presentation"].items()})
+            if self.qa is not None:
+                self.qa.load_state_dict(d["qa"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"resume: the checkpoint{where} does not hold a valid run state "
+                                  f"({type(exc).__name__}: {exc})") from None
+
+    def close(self) -> None:
+        """Release the run folder (also done when :meth:`run` returns or raises)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def checkpoint(self) -> Optional[pathlib.Path]:
         if self.out is None:
@@ -358,6 +400,10 @@ class Trainer:
         t_stage = time.perf_counter()
         with torch.no_grad():
             while self.step < st.steps:
+                if self._signal is not None:
+                    bar.close()
+                    self.par.unshard(self)
+                    self._interrupted()
                 if self.stop_after is not None and self.done_steps >= self.stop_after:
                     bar.close()
                     self.par.unshard(self)
@@ -477,13 +523,55 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> Optional[dict]:
-        """Run every remaining stage, evaluate, write the report; None when stopped early."""
-        while self.stage < len(self.cfg.stages):
-            if not self.run_stage():
-                return None
-        from .report import build_report, write_report
+        """Run every remaining stage, evaluate, write the report; None when stopped early.
 
-        report = build_report(self) if self.par.is_writer else None
-        if self.out is not None and self.par.is_writer:
-            write_report(report, self, self.out, log=self.log)
-        return self.par.broadcast_object(report)
+        Raises:
+            RunInterrupted: SIGTERM/SIGINT arrived (a checkpoint was written first).
+            CheckpointError: a checkpoint could not be written (the previous one is intact).
+        """
+        if self._lock is not None:
+            self._lock.acquire()                  # again, after an earlier run() returned
+        previous = self._catch_signals()
+        try:
+            while self.stage < len(self.cfg.stages):
+                if self._signal is not None:
+                    self._interrupted()
+                if not self.run_stage():
+                    return None
+            if self._signal is not None:
+                self._interrupted()
+            from .report import build_report, write_report
+
+            report = build_report(self) if self.par.is_writer else None
+            if self.out is not None and self.par.is_writer:
+                write_report(report, self, self.out, log=self.log)
+            if self._signal is not None:          # arrived during the report: not swallowed
+                raise RunInterrupted(self._signal, self.out)
+            return self.par.broadcast_object(report)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            self.close()
+
+    def _catch_signals(self) -> dict:
+        """Route SIGTERM/SIGINT to a flag read at step boundaries (one-process
+        runs in the main thread; a signal the process ignores stays ignored).
+        Returns the handlers to restore."""
+        if self._parallel is not None or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            if self._signal is not None:    # a second signal: stop now
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            self._signal = signum
+            self.log(f"{signal.Signals(signum).name}: stopping at the next step boundary after a checkpoint")
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, on_signal)
+        return previous
+
+    def _interrupted(self):
+        self.checkpoint()
+        raise RunInterrupted(self._signal, self.out)
