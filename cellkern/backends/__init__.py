@@ -42,10 +42,14 @@ fp32 (fp64 for fp64), results in the dtype of ``s`` (``dw`` in that of ``w``):
 - ``mixing_propagate_backward(g, s, w, mask, u, geom, leak, activation, need_s, need_w, need_u)
   -> (ds, dw, du)``
 - ``competitive_hebbian_(w, s, beta, mask, geom, eta, tau, eta_beta, wins) -> None``:
-  in place on ``w`` and ``beta`` ``[C_out, D, H, W]`` (fp32); ``wins`` True for
+  in place on ``w`` and ``beta`` ``[C_out, D, H, W]`` (fp32); ``w`` and ``s`` of
+  one dtype, fp32 or fp64 (the op updates fp16/bf16 weights in an fp32 copy and
+  rounds back stochastically, as for the shared form); ``wins`` True for
   ``average="wins"`` (n = 1 + Σ_b p), False for ``"batch"`` (n = B); ``tau == 0``
   is hard WTA (the one-hot of ``argmax_o (u + β)``, ties to the lowest ``o``).
 
+``MIXED_WEIGHTS`` (below) means the same for the mixing propagation functions
+as for the shared ones (else the ops cast ``w`` to the dtype of ``s``).
 Activations of the mixing ops: identity, tanh, relu, sigmoid and ``triangle``
 (``φ(u)[o] = relu(u[o] − mean_c u[c])``, code 4 in :mod:`cellkern.contract`).
 The shared-form kernels take the first four; ``triangle`` in the shared form
