@@ -3,7 +3,7 @@ from . import nn, ops, schedule, sparse
 from .backends import available_backends, backend_status
 from .config import ScheduleConfig, StageConfig, load_config
 from .memory import PROGRESSION, MemoryConfig, fit_dims, memory_estimate
-from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
+from .rules import BCM, STDP, Competition, CompetitiveHebbian, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
 from .trainer import Trainer
 
@@ -23,6 +23,7 @@ __all__ = [
     "STDP",
     "BCM",
     "Competition",
+    "CompetitiveHebbian",
     "PlasticityRule",
     "PlasticityState",
     "MemoryConfig",

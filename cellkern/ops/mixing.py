@@ -34,11 +34,11 @@ def is_mixing(w) -> bool:
     return isinstance(w, torch.Tensor) and w.dim() == 6
 
 
-def check_form(op: str, w) -> None:
+def check_form(op: str, w, K: int, dims) -> None:
     """A tensor ``w`` has 4 dims (shared form) or 6 (mixing form)."""
     if isinstance(w, torch.Tensor) and w.dim() not in (4, 6):
-        raise ValueError(f"{op}: w must have shape (K, D, H, W) (shared form) or (K, C_out, C_in, D, H, W) "
-                         f"(mixing form), got {tuple(w.shape)} ({w.dim()} dims)")
+        raise ValueError(f"{op}: w must have shape (K, D, H, W) = {(K,) + tuple(dims)}, got {tuple(w.shape)} "
+                         f"({w.dim()} dims; the mixing form is (K, C_out, C_in, D, H, W), 6 dims)")
 
 
 def mixing_weights(op: str, w, mask, K: int, s, *, square: bool, name: str = "s") -> tuple:

@@ -90,7 +90,7 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
 
 def _weights(op, w, mask, geom, s):
     """The checked weight form: ``(w, mask, idx)``, ``idx`` None when dense (see :mod:`.forms`)."""
-    M.check_form(op, w)
+    M.check_form(op, w, geom.K, s.shape[2:])
     w, mask, idx = F.resolve(op, w, mask, geom.K, tuple(s.shape[2:]))
     V.check_weights(op, w, s, geom.K, slots=idx is not None)
     if idx is None:
