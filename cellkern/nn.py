@@ -143,7 +143,7 @@ class Lattice3d(nn.Module):
     def state(self) -> PlasticityState:
         """The traces and θ as a :class:`~cellkern.PlasticityState` (sharing the buffers)."""
         if self.mixing:
-            raise AttributeError("Lattice3d.state: a mixing lattice has no traces or θ (its state is beta)")
+            raise RuntimeError("Lattice3d.state: a mixing lattice has no traces or θ (its state is beta)")
         return PlasticityState(self.x_pre, self.x_post, self.theta)
 
     def forward(self, s: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
