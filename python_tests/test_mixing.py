@@ -404,3 +404,19 @@ def test_errors_name_the_op_argument_expected_and_received():
         ck.ops.propagate(s[:, :1], torch.randn(26, 1, 1, 4, 5, 6), activation="triangle")
     with pytest.raises(ValueError, match="propagate: activation 'triangle' needs at least 2 channels per cell"):
         ck.ops.propagate(s[:, :1], torch.rand(26, 4, 5, 6), activation="triangle")
+
+
+def test_triangle_in_the_ell_form_is_the_dense_masked_form():
+    g = torch.Generator().manual_seed(11)
+    dims = (3, 3, 2)
+    s = torch.randn(2, 3, *dims, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(26, *dims, generator=g, dtype=torch.float64) * 0.3
+    mask = torch.rand(26, *dims, generator=g) < 0.5
+    w_ell, idx = S.to_ell(w, mask)
+    ell = dict(w=w_ell, mask=idx)
+    dense = ck.ops.propagate(s, w, mask, leak=0.5, activation="triangle", backend="reference")
+    sparse = ck.ops.propagate(s, ell["w"], ell["mask"], leak=0.5, activation="triangle", backend="reference")
+    torch.testing.assert_close(sparse, dense)
+    (gd,) = torch.autograd.grad(dense.sum(), s)
+    (gs,) = torch.autograd.grad(sparse.sum(), s)
+    torch.testing.assert_close(gs, gd)
