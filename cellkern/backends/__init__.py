@@ -29,7 +29,9 @@ and the plasticity family (SPEC §3–§4, no autograd; ``y`` ``[B, D, H, W]``):
   ``[D, H, W]`` fp32 (fp64 for fp64 ``w``), ``where`` bool ``[D, H, W]`` or None.
 
 The mixing form (SPEC §11; module attribute ``MIXING = True`` on a backend
-that has it — the ops raise a clear error for one without). ``w`` is
+that has it; for one without, the ops run the next backend of
+:data:`PREFERENCE` that has it when none was forced, and raise a clear
+``ValueError`` when it was — see ``cellkern.ops.mixing``). ``w`` is
 ``[K, C_out, C_in, D, H, W]``, ``mask`` bool ``[K, D, H, W]`` or None (a pruned
 synapse cuts all of its channel pairs), ``s`` ``[B, C_in, D, H, W]``; sums in
 fp32 (fp64 for fp64), results in the dtype of ``s`` (``dw`` in that of ``w``):
