@@ -217,25 +217,35 @@ const T* rows_as(const g_t* p, int64_t nplanes, int64_t N, int64_t W, int64_t ro
 }
 
 /// u[b, o, x] (buffer [B, C_out, W]) = the mixing sum of row `row`, from the
-/// staged sources of rt. prefetch: cells ahead to prefetch the weights.
+/// staged sources of rt. The terms go in chunks whose weight rows fit in L1
+/// (16 KiB), summed into u chunk after chunk: every group of samples then
+/// rereads those weights from L1, not L2. prefetch: cells ahead to prefetch
+/// the weights (the next row).
 template <typename T, typename w_t>
 void row_sum(const Mix& M, RowTerms<T>& rt, const w_t* p_w, int64_t row, int64_t prefetch,
              std::vector<const w_t*>& pw, T* u) {
   const int64_t W = M.L.W, N = M.L.N, Co = M.Co, Ci = M.Ci, n = rt.nt();
-  pw.resize(std::max<int64_t>(1, n));
+  if (n == 0) {
+    std::fill(u, u + M.B * Co * W, T(0));
+    return;
+  }
+  pw.resize(n);
   for (int64_t t = 0; t < n; ++t) pw[t] = p_w + rt.k[t] * Co * Ci * N + row * W;
-  const Terms<T, w_t> tm{pw.data(), rt.ps.data(), n, rt.ss};
-  x_tiles<T>(W, [&](auto vt, int64_t x) {
-    using V = decltype(vt);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, Co * Ci * W * int64_t(sizeof(w_t))));
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const Terms<T, w_t> tm{pw.data() + t0, rt.ps.data() + t0, std::min(chunk, n - t0), rt.ss};
     channel_groups(Co, [&](auto ot, int64_t o0) {
       constexpr int OT = decltype(ot)::value;
       partner_groups<partner_max<OT>()>(M.B, [&](auto bt, int64_t b0) {
         constexpr int BT = decltype(bt)::value;
-        mix_tile<OT, BT, V, T, w_t>(tm, Ci, Ci, 1, N, o0, b0, x, b0 == 0 ? prefetch : 0, u + b0 * Co * W + o0 * W,
-                                    W, Co * W);
+        x_tiles<T>(W, [&](auto vt, int64_t x) {
+          using V = decltype(vt);
+          mix_tile<OT, BT, V, T, w_t>(tm, Ci, Ci, 1, N, o0, b0, x, b0 == 0 ? prefetch : 0, u + b0 * Co * W + o0 * W,
+                                      W, Co * W, t0 > 0);
+        });
       });
     });
-  });
+  }
 }
 
 // For every row: u = the mixing sum (fp32/fp64, [B, C_out, W]); then epi(row, u).
@@ -282,7 +292,7 @@ void transposed_pass(const Mix& M, const g_t* p_g, const w_t* p_w, const bool* p
             partner_groups<partner_max<CT>()>(B, [&](auto bt, int64_t b0) {
               constexpr int BT = decltype(bt)::value;
               mix_tile<CT, BT, V, T, w_t>(tm, Co, 1, Ci, N, c0, b0, x, 0, h.data() + (b0 * Ci + c0) * Wp + R, Wp,
-                                          Ci * Wp);
+                                          Ci * Wp, false);
             });
           });
         });

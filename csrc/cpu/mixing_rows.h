@@ -165,13 +165,14 @@ struct Terms {
 /// (o·so_out + j·so_ctr) of the term's base, the source of (b, j) in row
 /// b·n_ctr + j. Forward: o = C_out, j = C_in (so_out = C_in, so_ctr = 1);
 /// transposed: o = C_in, j = C_out (so_out = 1, so_ctr = C_in). prefetch > 0
-/// also touches each weight vector `prefetch` cells ahead (the next row).
+/// also touches each weight vector `prefetch` cells ahead (the next row);
+/// accumulate adds to out instead of overwriting it.
 template <int OT, int BT, typename V, typename T, typename w_t>
 inline void mix_tile(const Terms<T, w_t>& tm, int64_t n_ctr, int64_t so_out, int64_t so_ctr, int64_t N, int64_t o0,
-                     int64_t b0, int64_t x, int64_t prefetch, T* out, int64_t os_o, int64_t os_b) {
+                     int64_t b0, int64_t x, int64_t prefetch, T* out, int64_t os_o, int64_t os_b, bool accumulate) {
   V acc[OT][BT];
   for (int o = 0; o < OT; ++o)
-    for (int b = 0; b < BT; ++b) acc[o][b] = V{};
+    for (int b = 0; b < BT; ++b) acc[o][b] = accumulate ? vload<V>(out + o * os_o + b * os_b + x) : V{};
   const int64_t step_o = so_out * N, step_j = so_ctr * N;
   for (int64_t t = 0; t < tm.nt; ++t) {
     const w_t* p_wt = tm.pw[t] + o0 * step_o + x;
