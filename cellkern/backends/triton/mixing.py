@@ -265,7 +265,7 @@ def _hebbian_winners_kernel(
             first = tl.min(tl.where(v == v_max[None, :], o[:, None], BLOCK_O), axis=0)
             b_p = tl.where(o[:, None] == first[None, :], 1.0, 0.0).to(ACC)
         else:
-            e = tl.exp((v - v_max[None, :]) * inv_tau)
+            e = tl.exp((v - v_max[None, :]) * tl.full([], inv_tau, ACC))  # an fp64 scalar would promote
             b_p = e / tl.sum(e, axis=0)[None, :]
         tl.store(p_p + p_bo, b_p, mask=m_ox)
         b_sp += b_p
