@@ -18,7 +18,7 @@
 // mask is folded into per-offset copies of them. The sums then run as
 // register tiles (mixing_rows.h) over vectors of cells: the weight rows
 // W[k,o,c,row] are contiguous along x and read once per row (B = 1: streamed
-// from memory, the next row prefetched; B > 1: reused from cache for every
+// from memory; B > 1: packed, then reused from cache for every
 // group of samples). The transposed sum mixes g back through Wᵀ at the source
 // cell (aligned, no shift) and shifts the result, so it costs what the
 // forward costs. The Hebbian step reads a row's weights for u, then updates
@@ -100,6 +100,26 @@ int64_t row_grain(const Mix& M) {
   return std::max<int64_t>(1, 65536 / per_row);
 }
 
+/// The R cells before and after a row of W (dst[-R .. -1], dst[W .. W+R-1]):
+/// the wrapped cells at(x) of the row when periodic, else 0.
+template <typename T, typename At>
+inline void pad_edges(T* dst, int64_t W, int64_t R, bool periodic, At at) {
+  if (!periodic) {
+    std::fill(dst - R, dst, T(0));
+    std::fill(dst + W, dst + W + R, T(0));
+  } else if (R <= W) {  // one wrap, no division
+    for (int64_t i = 1; i <= R; ++i) {
+      dst[-i] = at(W - i);
+      dst[W - 1 + i] = at(i - 1);
+    }
+  } else {
+    for (int64_t i = 1; i <= R; ++i) {
+      dst[-i] = at(wrap(-i, W));
+      dst[W - 1 + i] = at(wrap(W - 1 + i, W));
+    }
+  }
+}
+
 /// One thread's view of a lattice row: the stencil terms whose neighbour row
 /// exists, and the staged, x-padded (and, with a mask, masked) source rows.
 template <typename T>
@@ -150,10 +170,7 @@ struct RowTerms {
         T* dst = pad.data() + (p * nd + d) * Wp + R;
 #pragma omp simd
         for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<T>(src[x]);
-        for (int64_t i = 1; i <= R; ++i) {
-          dst[-i] = L.px ? static_cast<T>(src[wrap(-i, W)]) : T(0);
-          dst[W - 1 + i] = L.px ? static_cast<T>(src[wrap(W - 1 + i, W)]) : T(0);
-        }
+        pad_edges(dst, W, R, L.px, [&](int64_t x) { return static_cast<T>(src[x]); });
       }
     }
     const int64_t n = nt();
@@ -216,32 +233,55 @@ const T* rows_as(const g_t* p, int64_t nplanes, int64_t N, int64_t W, int64_t ro
   }
 }
 
-/// u[b, o, x] (buffer [B, C_out, W]) = the mixing sum of row `row`, from the
-/// staged sources of rt. The terms go in chunks whose weight rows fit in L1
-/// (16 KiB), summed into u chunk after chunk: every group of samples then
-/// rereads those weights from L1, not L2. prefetch: cells ahead to prefetch
-/// the weights (the next row).
+/// The weights of a block of rows, packed: buf holds W[k, q, r0 + r, x] (q =
+/// o·C_in + c) at (k·P + q)·stride + r·W + x for every offset k, stride =
+/// nr·W plus one cache line. Each plane is read as one run of nr rows (DRAM
+/// pages and the hardware prefetcher like that; a row at a time, the K·P
+/// planes N cells apart would share cache sets and miss), and the padding
+/// keeps the packed planes off the same sets for the tiles that reread them.
 template <typename T, typename w_t>
-void row_sum(const Mix& M, RowTerms<T>& rt, const w_t* p_w, int64_t row, int64_t prefetch,
-             std::vector<const w_t*>& pw, T* u) {
-  const int64_t W = M.L.W, N = M.L.N, Co = M.Co, Ci = M.Ci, n = rt.nt();
+int64_t pack_block(const Mix& M, const w_t* p_w, int64_t r0, int64_t nr, std::vector<T>& buf) {
+  const int64_t W = M.L.W, N = M.L.N, planes = M.L.K * M.Co * M.Ci;
+  const int64_t stride = nr * W + 64 / int64_t(sizeof(T));
+  buf.resize(std::max<int64_t>(1, planes * stride));
+  for (int64_t q = 0; q < planes; ++q) {
+    const w_t* src = p_w + q * N + r0 * W;
+    T* dst = buf.data() + q * stride;
+#pragma omp simd
+    for (int64_t x = 0; x < nr * W; ++x) dst[x] = static_cast<T>(src[x]);
+  }
+  return stride;
+}
+
+/// Rows per packed block: runs of at least 2 KiB per plane (at most 16 rows).
+int64_t block_rows(const Mix& M) {
+  return std::max<int64_t>(1, std::min<int64_t>(16, 2048 / std::max<int64_t>(1, M.L.W * 4)));
+}
+
+/// u[b, o, x] (buffer [B, C_out, W]) = the mixing sum of row `row`, from the
+/// staged sources of rt and the packed weights of its block (wp: row `row` of
+/// plane 0, planes `stride` apart). The terms go in chunks whose weight rows
+/// fit in L1 (16 KiB), summed into u chunk after chunk: every group of
+/// samples rereads those weights from L1.
+template <typename T>
+void row_sum(const Mix& M, RowTerms<T>& rt, const T* wp, int64_t stride, std::vector<const T*>& pw, T* u) {
+  const int64_t W = M.L.W, Co = M.Co, Ci = M.Ci, n = rt.nt(), P = Co * Ci;
   if (n == 0) {
     std::fill(u, u + M.B * Co * W, T(0));
     return;
   }
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, P * W * int64_t(sizeof(T))));
   pw.resize(n);
-  for (int64_t t = 0; t < n; ++t) pw[t] = p_w + rt.k[t] * Co * Ci * N + row * W;
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, Co * Ci * W * int64_t(sizeof(w_t))));
+  for (int64_t t = 0; t < n; ++t) pw[t] = wp + rt.k[t] * P * stride;
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
-    const Terms<T, w_t> tm{pw.data() + t0, rt.ps.data() + t0, std::min(chunk, n - t0), rt.ss};
+    const Terms<T, T> tm{pw.data() + t0, rt.ps.data() + t0, std::min(chunk, n - t0), rt.ss};
     channel_groups(Co, [&](auto ot, int64_t o0) {
       constexpr int OT = decltype(ot)::value;
       partner_groups<partner_max<OT>()>(M.B, [&](auto bt, int64_t b0) {
         constexpr int BT = decltype(bt)::value;
         x_tiles<T>(W, [&](auto vt, int64_t x) {
           using V = decltype(vt);
-          mix_tile<OT, BT, V, T, w_t>(tm, Ci, Ci, 1, N, o0, b0, x, b0 == 0 ? prefetch : 0, u + b0 * Co * W + o0 * W,
-                                      W, Co * W, t0 > 0);
+          mix_tile<OT, BT, V, T, T>(tm, Ci, Ci, 1, stride, o0, b0, x, u + b0 * Co * W + o0 * W, W, Co * W, t0 > 0);
         });
       });
     });
@@ -255,12 +295,17 @@ void forward_pass(const Mix& M, const s_t* p_s, const w_t* p_w, const bool* p_m,
   at::parallel_for(0, rows, row_grain(M), [&](int64_t r0, int64_t r1) {
     RowTerms<T> rt(M.L);
     std::vector<T> u(std::max<int64_t>(1, M.B * M.Co * W));
-    std::vector<const w_t*> pw;
-    for (int64_t row = r0; row < r1; ++row) {
-      rt.terms(row, 1);
-      rt.stage(p_s, M.B * M.Ci, row, p_m);
-      row_sum<T, w_t>(M, rt, p_w, row, row + 1 < r1 ? W : 0, pw, u.data());
-      epi(row, u.data());
+    std::vector<T> wbuf;
+    std::vector<const T*> pw;
+    const int64_t R = block_rows(M);
+    for (int64_t rb = r0; rb < r1; rb += R) {
+      const int64_t nr = std::min(R, r1 - rb), stride = pack_block<T>(M, p_w, rb, nr, wbuf);
+      for (int64_t row = rb; row < rb + nr; ++row) {
+        rt.terms(row, 1);
+        rt.stage(p_s, M.B * M.Ci, row, p_m);
+        row_sum<T>(M, rt, wbuf.data() + (row - rb) * W, stride, pw, u.data());
+        epi(row, u.data());
+      }
     }
   });
 }
@@ -274,7 +319,7 @@ void transposed_pass(const Mix& M, const g_t* p_g, const w_t* p_w, const bool* p
   const int64_t W = L.W, N = L.N, Co = M.Co, Ci = M.Ci, B = M.B, R = L.reach_x, Wp = W + 2 * R;
   at::parallel_for(0, L.D * L.H, row_grain(M), [&](int64_t r0, int64_t r1) {
     RowTerms<T> rt(L);
-    std::vector<T> acc(std::max<int64_t>(1, B * Ci * W)), h(std::max<int64_t>(1, B * Ci * Wp)), gbuf;
+    std::vector<T> acc(std::max<int64_t>(1, B * Ci * W)), h(std::max<int64_t>(1, B * Ci * Wp)), gbuf, wbuf;
     for (int64_t row = r0; row < r1; ++row) {
       rt.terms(row, -1);
       std::fill(acc.begin(), acc.end(), T(0));
@@ -282,8 +327,16 @@ void transposed_pass(const Mix& M, const g_t* p_g, const w_t* p_w, const bool* p
         const int64_t k = rt.k[t], sr = rt.nr[t], dx = rt.dx[t];
         int64_t gs;
         const T* p_gr = rows_as<T>(p_g, B * Co, N, W, sr, gbuf, &gs);
-        const w_t* pw = p_w + k * Co * Ci * N + sr * W;
-        const Terms<T, w_t> tm{&pw, &p_gr, 1, gs};
+        // the term's weights at the source row, packed (its planes share cache sets)
+        wbuf.resize(std::max<int64_t>(1, Co * Ci * W));
+        for (int64_t q = 0; q < Co * Ci; ++q) {
+          const w_t* src = p_w + (k * Co * Ci + q) * N + sr * W;
+          T* dst = wbuf.data() + q * W;
+#pragma omp simd
+          for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<T>(src[x]);
+        }
+        const T* pw = wbuf.data();
+        const Terms<T, T> tm{&pw, &p_gr, 1, gs};
         // h[b, c, x] = Σ_o W[k, o, c, sr, x]·g[b, o, sr, x]
         x_tiles<T>(W, [&](auto vt, int64_t x) {
           using V = decltype(vt);
@@ -291,8 +344,8 @@ void transposed_pass(const Mix& M, const g_t* p_g, const w_t* p_w, const bool* p
             constexpr int CT = decltype(ct)::value;
             partner_groups<partner_max<CT>()>(B, [&](auto bt, int64_t b0) {
               constexpr int BT = decltype(bt)::value;
-              mix_tile<CT, BT, V, T, w_t>(tm, Co, 1, Ci, N, c0, b0, x, 0, h.data() + (b0 * Ci + c0) * Wp + R, Wp,
-                                          Ci * Wp, false);
+              mix_tile<CT, BT, V, T, T>(tm, Co, 1, Ci, W, c0, b0, x, h.data() + (b0 * Ci + c0) * Wp + R, Wp,
+                                        Ci * Wp, false);
             });
           });
         });
@@ -303,10 +356,7 @@ void transposed_pass(const Mix& M, const g_t* p_g, const w_t* p_w, const bool* p
 #pragma omp simd
             for (int64_t x = 0; x < W; ++x) hq[x] = p_mr[x] ? hq[x] : T(0);
           }
-          for (int64_t i = 1; i <= R; ++i) {
-            hq[-i] = L.px ? hq[wrap(-i, W)] : T(0);
-            hq[W - 1 + i] = L.px ? hq[wrap(W - 1 + i, W)] : T(0);
-          }
+          pad_edges(hq, W, R, L.px, [&](int64_t x) { return hq[x]; });
           const T* src = hq + dx;  // dx of the transposed stencil: h at x − o_k
           T* dst = acc.data() + q * W;
 #pragma omp simd
@@ -477,11 +527,19 @@ void hebbian_pass(const Mix& M, const s_t* p_s, w_t* p_w, const bool* p_m, T* p_
     std::vector<T> u(std::max<int64_t>(1, B * Co * W)), p(std::max<int64_t>(1, B * Co * W));
     std::vector<T> q(std::max<int64_t>(1, Co * W)), scale(std::max<int64_t>(1, Co * W)), psum(std::max<int64_t>(1, Co * W));
     std::vector<T> zmax(W), zsum(W);
-    std::vector<const w_t*> pw;
+    std::vector<T> wbuf;
+    std::vector<const T*> pw;
+    const int64_t R = block_rows(M);
+    int64_t rb = r0, stride = 0;
     for (int64_t row = r0; row < r1; ++row) {
+      if (row == r0 || row == rb + R) {
+        rb = row;
+        stride = pack_block<T>(M, p_w, rb, std::min(R, r1 - rb), wbuf);
+      }
+      const T* wp = wbuf.data() + (row - rb) * W;
       rt.terms(row, 1);
       rt.stage(p_s, B * Ci, row, p_m);
-      row_sum<T, w_t>(M, rt, p_w, row, 0, pw, u.data());
+      row_sum<T>(M, rt, wp, stride, pw, u.data());
       // p = softmax_o((u + β)/τ), or the one-hot argmax (ties to the lowest o)
       const T* beta_r = p_beta + row * W;
       for (int64_t b = 0; b < B; ++b) {
@@ -543,6 +601,7 @@ void hebbian_pass(const Mix& M, const s_t* p_s, w_t* p_w, const bool* p_m, T* p_
       const bool partial = rt.live(row, p_m);
       for (int64_t t = 0; t < rt.nt(); ++t) {
         w_t* p_wk = p_w + rt.k[t] * Co * Ci * N + row * W;
+        const T* p_pk = wp + rt.k[t] * Co * Ci * stride;  // the same weights, packed with the block
         const T* vt_row = partial ? rt.valid.data() + t * W : nullptr;
         x_tiles<T>(W, [&](auto vt, int64_t x) {
           using V = decltype(vt);
@@ -557,9 +616,9 @@ void hebbian_pass(const Mix& M, const s_t* p_s, w_t* p_w, const bool* p_m, T* p_
                 if (vt_row != nullptr) sc = sc * vload<V>(vt_row + x);
                 const V qo = vload<V>(q.data() + (o0 + o) * W + x);
                 for (int c = 0; c < CT; ++c) {
-                  w_t* pwc = p_wk + ((o0 + o) * Ci + c0 + c) * N + x;
-                  const V wv = wload<V, T>(pwc);
-                  wstore<V, T>(pwc, wv + sc * (a[o][c] - qo * wv));
+                  const int64_t q = (o0 + o) * Ci + c0 + c;
+                  const V wv = vload<V>(p_pk + q * stride + x);
+                  wstore<V, T>(p_wk + q * N + x, wv + sc * (a[o][c] - qo * wv));
                 }
               }
             });

@@ -164,12 +164,11 @@ struct Terms {
 /// b < BT: the weight of output o and contraction index j lies in plane
 /// (o·so_out + j·so_ctr) of the term's base, the source of (b, j) in row
 /// b·n_ctr + j. Forward: o = C_out, j = C_in (so_out = C_in, so_ctr = 1);
-/// transposed: o = C_in, j = C_out (so_out = 1, so_ctr = C_in). prefetch > 0
-/// also touches each weight vector `prefetch` cells ahead (the next row);
-/// accumulate adds to out instead of overwriting it.
+/// transposed: o = C_in, j = C_out (so_out = 1, so_ctr = C_in). accumulate
+/// adds to out instead of overwriting it.
 template <int OT, int BT, typename V, typename T, typename w_t>
 inline void mix_tile(const Terms<T, w_t>& tm, int64_t n_ctr, int64_t so_out, int64_t so_ctr, int64_t N, int64_t o0,
-                     int64_t b0, int64_t x, int64_t prefetch, T* out, int64_t os_o, int64_t os_b, bool accumulate) {
+                     int64_t b0, int64_t x, T* out, int64_t os_o, int64_t os_b, bool accumulate) {
   V acc[OT][BT];
   for (int o = 0; o < OT; ++o)
     for (int b = 0; b < BT; ++b) acc[o][b] = accumulate ? vload<V>(out + o * os_o + b * os_b + x) : V{};
@@ -182,9 +181,7 @@ inline void mix_tile(const Terms<T, w_t>& tm, int64_t n_ctr, int64_t so_out, int
       for (int b = 0; b < BT; ++b) sv[b] = vload<V>(p_st + (b * n_ctr + j) * tm.ss);
       const w_t* p_wj = p_wt + j * step_j;
       for (int o = 0; o < OT; ++o) {
-        const w_t* p = p_wj + o * step_o;
-        if (prefetch > 0) __builtin_prefetch(p + prefetch);
-        const V wv = wload<V, T>(p);
+        const V wv = wload<V, T>(p_wj + o * step_o);
         for (int b = 0; b < BT; ++b) acc[o][b] += wv * sv[b];
       }
     }
