@@ -234,7 +234,7 @@ GRADCHECK_BACKENDS = ["reference"] + [b for b in ("cpu",) if getattr(backends._l
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_mixing_propagate(backend, activation):
     g = torch.Generator().manual_seed(5)
-    D, H, W, B, C = 2, 3, 2, 2, 3
+    D, H, W, B, C = 2, 3, 2, 2, 2
     s = torch.randn(B, C, D, H, W, dtype=torch.float64, generator=g, requires_grad=True)
     w = (torch.randn(6, C, C, D, H, W, dtype=torch.float64, generator=g) * 0.3).requires_grad_()
     x = torch.randn(1, C, D, H, W, dtype=torch.float64, generator=g, requires_grad=True)
@@ -253,12 +253,12 @@ def test_gradcheck_mixing_propagate(backend, activation):
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 def test_gradcheck_mixing_aggregate_and_steps(backend):
     g = torch.Generator().manual_seed(6)
-    s = torch.randn(2, 2, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(6, 3, 2, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    s = torch.randn(2, 2, 1, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 3, 2, 1, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda s, w: ck.ops.aggregate(s, w, stencil="von_neumann", boundary="zero", backend=backend), (s, w),
         fast_mode=backend == "reference")
-    w2 = (torch.randn(6, 2, 2, 2, 3, 3, dtype=torch.float64, generator=g) * 0.3).requires_grad_()
+    w2 = (torch.randn(6, 2, 2, 1, 2, 3, dtype=torch.float64, generator=g) * 0.3).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda s, w: ck.ops.propagate_steps(s, w, 3, checkpoint_every=2, leak=0.5, stencil="von_neumann",
                                             backend=backend), (s, w2), fast_mode=backend == "reference")
