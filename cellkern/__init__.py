@@ -10,7 +10,7 @@ first access (``pip install cellkern[train]`` brings its dependencies).
 from . import backends, nn, ops, sparse
 from .backends import available_backends, backend_status
 from .memory import PROGRESSION, MemoryConfig, fit_dims, memory_estimate
-from .rules import BCM, STDP, Competition, PlasticityRule, PlasticityState
+from .rules import BCM, STDP, Competition, CompetitiveHebbian, PlasticityRule, PlasticityState
 from .stencil import Geometry, Stencil, parse_boundary, radius, stencil
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "STDP",
     "BCM",
     "Competition",
+    "CompetitiveHebbian",
     "PlasticityRule",
     "PlasticityState",
     "MemoryConfig",

@@ -17,7 +17,8 @@ __all__ = ["ACTIVATIONS", "ACTIVATION_CODES", "PARAM_FLAGS", "PARAM_SCALARS", "a
            "params_args", "params_from_args"]
 
 #: activation name → the integer code of the compiled kernels (csrc/contract.h: enum Act)
-ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
+#: (``triangle``, SPEC §11, mixes a cell's channels: relu(u[o] − mean_c u[c]); the mixing-form kernels take it)
+ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3, "triangle": 4}
 #: the activation names every propagate op accepts, in code order
 ACTIVATIONS = tuple(ACTIVATION_CODES)
 

@@ -22,7 +22,7 @@ import torch
 
 from .validation import check_real
 
-__all__ = ["STDP", "BCM", "Competition", "PlasticityRule", "PlasticityState", "PlasticityParams"]
+__all__ = ["STDP", "BCM", "Competition", "PlasticityRule", "PlasticityState", "PlasticityParams", "CompetitiveHebbian"]
 
 WEIGHT_DEPENDENCES = ("additive", "multiplicative")
 
@@ -257,3 +257,28 @@ class PlasticityState:
         """A copy with every tensor moved/cast like ``Tensor.to``."""
         return PlasticityState(self.x_pre.to(*args, **kwargs), self.x_post.to(*args, **kwargs),
                                self.theta.to(*args, **kwargs), self.step)
+
+
+@dataclass(frozen=True)
+class CompetitiveHebbian:
+    """The competitive Hebbian rule of the mixing form (SPEC §11): soft
+    winner-take-all among a cell's ``C_out`` units, Oja-normalised, with a
+    homeostatic threshold β (see :func:`cellkern.ops.competitive_hebbian_step_`).
+
+    Args:
+        eta: η. Default: 0.01.
+        tau: τ, the softmax temperature; 0 is hard winner-take-all. Default: 0.1.
+        eta_beta: η_β, the homeostatic rate. Default: 0.01.
+        average: ``"wins"`` (n = 1 + Σ_b p) or ``"batch"`` (n = B). Default: ``"wins"``.
+    """
+
+    eta: float = 0.01
+    tau: float = 0.1
+    eta_beta: float = 0.01
+    average: str = "wins"
+
+    def __post_init__(self):
+        for n in ("eta", "tau", "eta_beta"):
+            check_real("CompetitiveHebbian", n, getattr(self, n), nonneg=True)
+        if self.average not in ("wins", "batch"):
+            raise ValueError(f"CompetitiveHebbian: average must be one of wins, batch, got {self.average!r}")

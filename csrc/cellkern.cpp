@@ -49,6 +49,27 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_ell(const at::Tensor& s, co
                                                          const at::Tensor& offsets, c10::List<bool> periodic,
                                                          double leak, int64_t act, bool save_u);
 
+at::Tensor mixing_aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+                                    const at::Tensor& offsets, c10::List<bool> periodic);
+std::tuple<at::Tensor, at::Tensor> mixing_aggregate_backward(const at::Tensor& g, const at::Tensor& s,
+                                                              const at::Tensor& w,
+                                                              const std::optional<at::Tensor>& mask,
+                                                              const at::Tensor& offsets, c10::List<bool> periodic,
+                                                              bool need_s, bool need_w);
+std::tuple<at::Tensor, at::Tensor> mixing_propagate_forward(const at::Tensor& s, const at::Tensor& w,
+                                                             const std::optional<at::Tensor>& mask,
+                                                             const std::optional<at::Tensor>& x,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             const at::Tensor& offsets, c10::List<bool> periodic,
+                                                             double leak, int64_t act, bool save_u);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixing_propagate_backward(
+    const at::Tensor& g, const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+    const at::Tensor& u, const at::Tensor& offsets, c10::List<bool> periodic, double leak, int64_t act, bool need_s,
+    bool need_w);
+void competitive_hebbian_(at::Tensor& w, const at::Tensor& s, at::Tensor& beta, const std::optional<at::Tensor>& mask,
+                          const at::Tensor& offsets, c10::List<bool> periodic, double eta, double tau,
+                          double eta_beta, bool wins);
+
 }  // namespace cpu
 }  // namespace cellkern
 
@@ -80,6 +101,19 @@ TORCH_LIBRARY(cellkern_cpu, m) {
   m.def(
       "propagate_forward_ell(Tensor s, Tensor w_ell, Tensor idx, Tensor? x, Tensor? bias, Tensor offsets, "
       "bool[] periodic, float leak, int act, bool save_u) -> (Tensor, Tensor)");
+  m.def("mixing_aggregate_forward(Tensor s, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic) -> Tensor");
+  m.def(
+      "mixing_aggregate_backward(Tensor g, Tensor s, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic, "
+      "bool need_s, bool need_w) -> (Tensor, Tensor)");
+  m.def(
+      "mixing_propagate_forward(Tensor s, Tensor w, Tensor? mask, Tensor? x, Tensor? bias, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool save_u) -> (Tensor, Tensor)");
+  m.def(
+      "mixing_propagate_backward(Tensor g, Tensor s, Tensor w, Tensor? mask, Tensor u, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool need_s, bool need_w) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "competitive_hebbian_(Tensor(a!) w, Tensor s, Tensor(b!) beta, Tensor? mask, Tensor offsets, bool[] periodic, "
+      "float eta, float tau, float eta_beta, bool wins) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
@@ -97,6 +131,11 @@ TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
   m.impl("stochastic_round_", &cellkern::cpu::stochastic_round_);
   m.impl("aggregate_forward_ell", &cellkern::cpu::aggregate_forward_ell);
   m.impl("propagate_forward_ell", &cellkern::cpu::propagate_forward_ell);
+  m.impl("mixing_aggregate_forward", &cellkern::cpu::mixing_aggregate_forward);
+  m.impl("mixing_aggregate_backward", &cellkern::cpu::mixing_aggregate_backward);
+  m.impl("mixing_propagate_forward", &cellkern::cpu::mixing_propagate_forward);
+  m.impl("mixing_propagate_backward", &cellkern::cpu::mixing_propagate_backward);
+  m.impl("competitive_hebbian_", &cellkern::cpu::competitive_hebbian_);
 }
 
 // The ops live in torch.ops.cellkern_cpu; the module itself is empty.

@@ -7,6 +7,7 @@ matrices (``CELLKERN_CUDA_EMULATION=1``), so every kernel and every branch of
 the glue meets the same cases as the CPU kernels before any GPU runs them.
 What emulation cannot show (the barrier, shared memory, real concurrency,
 speed) is left to ``make gpu-check``. Skipped where the CUDA headers are absent."""
+import glob
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ ROOT = os.path.dirname(HERE)
 MATRIX_FILES = ["test_propagate.py", "test_competition.py", "test_plasticity.py", "test_plasticity_rules.py",
                 "test_stencil.py", "test_large_stencils.py", "test_hypothesis.py", "test_validation.py",
                 "test_plasticity_validation.py"]
+# the mixing form's matrices (test_mixing_cpu.py: the backend functions on every row/tile path)
+MATRIX_FILES += sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "test_mixing*.py")))
 
 pytestmark = [
     pytest.mark.skipif(cuda_include_dir() is None, reason="the CUDA headers (cuda_fp16.h) are absent"),

@@ -91,7 +91,7 @@ def test_leak(op, leak, exc, msg):
 @pytest.mark.parametrize("op", ["propagate", "propagate_steps"])
 def test_activation_drive_bias(op):
     s, w = good()
-    with pytest.raises(ValueError, match=rf"{op}: activation must be one of identity, tanh, relu, sigmoid, got 'gelu'"):
+    with pytest.raises(ValueError, match=rf"{op}: activation must be one of identity, tanh, relu, sigmoid, triangle, got 'gelu'"):
         call(op, s, w, activation="gelu")
     with pytest.raises(ValueError, match=rf"{op}: x must be broadcastable to the shape of s \(2, 3, 3, 4, 5\), got \(2, 2, 3, 4, 5\)"):
         call(op, s, w, x=torch.randn(2, 2, 3, 4, 5))

@@ -28,6 +28,37 @@ and the plasticity family (SPEC §3–§4, no autograd; ``y`` ``[B, D, H, W]``):
 - ``heterosynaptic_normalize_(w, mask, geom, target, where) -> None``: ``target``
   ``[D, H, W]`` fp32 (fp64 for fp64 ``w``), ``where`` bool ``[D, H, W]`` or None.
 
+The mixing form (SPEC §11; module attribute ``MIXING = True`` on a backend
+that has it; for one without, the ops run the next backend of
+:data:`PREFERENCE` that has it when none was forced, and raise a clear
+``ValueError`` when it was — see ``cellkern.ops.mixing``). ``w`` is
+``[K, C_out, C_in, D, H, W]``, ``mask`` bool ``[K, D, H, W]`` or None (a pruned
+synapse cuts all of its channel pairs), ``s`` ``[B, C_in, D, H, W]``; sums in
+fp32 (fp64 for fp64), results in the dtype of ``s`` (``dw`` in that of ``w``):
+
+- ``mixing_aggregate_forward(s, w, mask, geom) -> a`` ``[B, C_out, D, H, W]``
+- ``mixing_aggregate_backward(g, s, w, mask, geom, need_s, need_w) -> (ds, dw)``
+- ``mixing_propagate_forward(s, w, mask, x, bias, geom, leak, activation, save_u) -> (out, u)``
+  (``C_out == C_in``; ``x`` like ``s`` or None, ``bias`` ``[C, D, H, W]`` or None,
+  ``u`` float32/float64 or None)
+- ``mixing_propagate_backward(g, s, w, mask, u, geom, leak, activation, need_s, need_w, need_u)
+  -> (ds, dw, du)``
+- ``competitive_hebbian_(w, s, beta, mask, geom, eta, tau, eta_beta, wins) -> None``:
+  in place on ``w`` and ``beta`` ``[C_out, D, H, W]`` (fp32); ``w`` and ``s`` of
+  one dtype, fp32 or fp64 (the op updates fp16/bf16 weights in an fp32 copy and
+  rounds back stochastically, as for the shared form); ``wins`` True for
+  ``average="wins"`` (n = 1 + Σ_b p), False for ``"batch"`` (n = B); ``tau == 0``
+  is hard WTA (the one-hot of ``argmax_o (u + β)``, ties to the lowest ``o``).
+
+``MIXED_WEIGHTS`` (below) means the same for the mixing propagation functions
+as for the shared ones (else the ops cast ``w`` to the dtype of ``s``).
+Activations of the mixing ops: identity, tanh, relu, sigmoid and ``triangle``
+(``φ(u)[o] = relu(u[o] − mean_c u[c])``, code 4 in :mod:`cellkern.contract`).
+The shared-form kernels take the first four; ``triangle`` in the shared form
+runs as the kernels' ``identity`` pre-activation plus a torch epilogue in
+``cellkern.ops`` (the reference also has it natively). The ELL form is
+shared-form only.
+
 Weight forms and mixed precision (SPEC §5; the ops in ``cellkern.ops`` do the
 conversions, backends see only what they declare they take):
 
@@ -147,6 +178,11 @@ def name_of(module) -> str:
         if mod is module:
             return name
     raise ValueError(f"cellkern: {module!r} is not a loaded backend")
+
+
+def module(name: str):
+    """The loaded backend module ``name`` (None where it is not available here)."""
+    return _load(name)
 
 
 def load_all() -> None:

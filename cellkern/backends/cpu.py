@@ -98,3 +98,43 @@ def stochastic_round_(out, src, seed: int, step: int):
 
 def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
     _ops.heterosynaptic_normalize_(w, mask, _tab(geom), list(geom.periodic), target, where)
+
+
+# ---- the mixing form (SPEC §11): w [K, C_out, C_in, D, H, W] ----
+
+#: this backend has the mixing-form kernels (csrc/cpu/mixing.cpp)
+MIXING = True
+
+
+def mixing_aggregate_forward(s, w, mask, geom: Geometry):
+    return _ops.mixing_aggregate_forward(s, _dense_w(w, s), mask, _tab(geom), list(geom.periodic))
+
+
+def mixing_aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool):
+    ds, dw = _ops.mixing_aggregate_backward(g, s, _dense_w(w, s), mask, _tab(geom), list(geom.periodic),
+                                            bool(need_s), bool(need_w))
+    if need_w and dw.dtype != w.dtype:
+        dw = dw.to(w.dtype)
+    return (ds if need_s else None), (dw if need_w else None)
+
+
+def mixing_propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
+    out, u = _ops.mixing_propagate_forward(s, _dense_w(w, s), mask, x, bias, _tab(geom), list(geom.periodic),
+                                           float(leak), ACTIVATION_CODES[activation], bool(save_u))
+    return out, (u if save_u else None)
+
+
+def mixing_propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
+                              need_s: bool, need_w: bool, need_u: bool):
+    ds, dw, du = _ops.mixing_propagate_backward(g, s, _dense_w(w, s), mask, u, _tab(geom), list(geom.periodic),
+                                                float(leak), ACTIVATION_CODES[activation], bool(need_s),
+                                                bool(need_w))
+    if need_w and dw.dtype != w.dtype:
+        dw = dw.to(w.dtype)
+    return (ds if need_s else None), (dw if need_w else None), (du if need_u else None)
+
+
+def competitive_hebbian_(w, s, beta, mask, geom: Geometry, eta: float, tau: float, eta_beta: float, wins: bool):
+    """In place on ``w`` and ``beta``: one read and one write of ``w`` (csrc/cpu/mixing.cpp)."""
+    _ops.competitive_hebbian_(w, s, beta, mask, _tab(geom), list(geom.periodic), float(eta), float(tau),
+                              float(eta_beta), bool(wins))

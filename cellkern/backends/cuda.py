@@ -101,3 +101,44 @@ def plasticity_(w, mask, geom: Geometry, p, y, spikes, x_pre, x_post, theta, gat
 def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
     with _on(w):
         _ops.heterosynaptic_normalize_(w, mask, _tab(geom, w), list(geom.periodic), target, where, _stream(w))
+
+
+# ---- the mixing form (SPEC §11): csrc/cuda/mixing.cu ----
+
+#: this backend has the mixing-form kernels
+MIXING = True
+from cellkern.contract import ACTIVATION_CODES as _MIX_ACT  # noqa: E402  (absolute: the emulation execs this part)
+
+
+def mixing_aggregate_forward(s, w, mask, geom: Geometry):
+    with _on(s):
+        return _ops.mixing_aggregate_forward(s, w.to(s.dtype), mask, _tab(geom, s), list(geom.periodic), _stream(s))
+
+
+def mixing_aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool):
+    with _on(s):
+        ds, dw = _ops.mixing_aggregate_backward(g, s, w.to(s.dtype), mask, _tab(geom, s), list(geom.periodic),
+                                                bool(need_s), bool(need_w), _stream(s))
+    return (ds if need_s else None), (dw.to(w.dtype) if need_w else None)
+
+
+def mixing_propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
+    with _on(s):
+        out, u = _ops.mixing_propagate_forward(s, w.to(s.dtype), mask, x, bias, _tab(geom, s), list(geom.periodic),
+                                               float(leak), _MIX_ACT[activation], bool(save_u), _stream(s))
+    return out, (u if save_u else None)
+
+
+def mixing_propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
+                              need_s: bool, need_w: bool, need_u: bool):
+    with _on(s):
+        ds, dw, du = _ops.mixing_propagate_backward(g, s, w.to(s.dtype), mask, u, _tab(geom, s), list(geom.periodic),
+                                                    float(leak), _MIX_ACT[activation], bool(need_s), bool(need_w),
+                                                    _stream(s))
+    return (ds if need_s else None), (dw.to(w.dtype) if need_w else None), (du if need_u else None)
+
+
+def competitive_hebbian_(w, s, beta, mask, geom: Geometry, eta: float, tau: float, eta_beta: float, wins: bool):
+    with _on(w):
+        _ops.competitive_hebbian_(w, s, beta, mask, _tab(geom, w), list(geom.periodic), float(eta), float(tau),
+                                  float(eta_beta), bool(wins), _stream(w))

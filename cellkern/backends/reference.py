@@ -82,7 +82,13 @@ def aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool
 
 
 def activate(u, activation: str):
-    """φ(u) for φ in identity / tanh / relu / sigmoid."""
+    """φ(u) for φ in identity / tanh / relu / sigmoid / triangle.
+
+    ``triangle`` mixes the channels of a cell (dim 1 of ``u``, SPEC §11):
+    ``φ(u)[o] = relu(u[o] − mean_c u[c])``.
+    """
+    if activation == "triangle":
+        return torch.relu(u - u.mean(dim=1, keepdim=True))
     if activation == "identity":
         return u
     if activation == "tanh":
@@ -94,8 +100,18 @@ def activate(u, activation: str):
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
+def activate_vjp(g, u, activation: str):
+    """``gᵀ·∂φ/∂u`` at ``u``: ``g·φ'(u)`` for the elementwise activations; for
+    ``triangle``, with ``r[o] = (u[o] > mean_c u[c])``,
+    ``du[c] = r[c]·g[c] − mean_o (r[o]·g[o])`` (over dim 1)."""
+    if activation == "triangle":
+        rg = g * (u > u.mean(dim=1, keepdim=True)).to(u.dtype)
+        return rg - rg.mean(dim=1, keepdim=True)
+    return g * activate_grad(u, activation)
+
+
 def activate_grad(u, activation: str):
-    """φ'(u); relu'(0) = 0 as in torch."""
+    """φ'(u) of an elementwise φ; relu'(0) = 0 as in torch."""
     if activation == "identity":
         return torch.ones_like(u)
     if activation == "tanh":
@@ -134,12 +150,13 @@ def propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation
                        need_s: bool, need_w: bool, need_u: bool):
     """Gradients of ``propagate`` given the upstream ``g`` and the saved ``u``.
 
-    ``du = g · α · φ'(u)`` (the gradient of x and, summed over b, of bias);
+    ``du = α · gᵀ·∂φ/∂u`` (``g · α · φ'(u)`` for an elementwise φ; the
+    gradient of x and, summed over b, of bias);
     ``ds = (1-α)·g + aggregate_transposed(du)``; ``dw = weight_grad(du, s)``.
     Returns ``(ds, dw, du)`` with ``du`` in the dtype of ``u``.
     """
     acc = u.dtype
-    du = g.to(acc) * leak * activate_grad(u, activation)
+    du = leak * activate_vjp(g.to(acc), u, activation)
     ds = dw = None
     if need_s:
         ds = ((1.0 - leak) * g.to(acc) + aggregate_transposed(du, w, mask, geom)).to(s.dtype)
@@ -329,3 +346,122 @@ def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
         ok = ok & where
     scale = torch.where(ok, target.to(acc) / torch.where(ok, total, torch.ones_like(total)), torch.ones_like(total))
     w.copy_(torch.where(live, wa * scale, wa))
+
+
+# ---- the mixing form (SPEC §11): w [K, C_out, C_in, D, H, W], mask [K, D, H, W] ----
+#
+# W[k,o,c,i] carries channel c of nbr(i,k) into channel o of cell i. The
+# shared form is the special case W[k,o,c,i] = δ_oc · w[k,i].
+
+#: this backend has the mixing-form functions below
+MIXING = True
+
+
+def _mixing_sum(sa, w, mask, geom: Geometry):
+    """``Σ_k m[k,i] · Σ_c W[k,o,c,i] · sa[b,c,nbr(i,k)]`` in the dtype of ``sa``, ``[B, C_out, D, H, W]``."""
+    a = torch.zeros((sa.shape[0], w.shape[1]) + tuple(sa.shape[2:]), dtype=sa.dtype, device=sa.device)
+    for k, o in enumerate(geom.offsets):
+        s_nbr, valid = shift(sa, o, geom.periodic)
+        a = a + torch.einsum("ocdhw,bcdhw->bodhw", _effective_weight(w, mask, k, valid, sa.dtype), s_nbr)
+    return a
+
+
+def mixing_aggregate_forward(s, w, mask, geom: Geometry):
+    """``a[b,o,i] = Σ_k m[k,i] · Σ_c W[k,o,c,i] · s[b,c,nbr(i,k)]``, ``[B, C_out, D, H, W]`` in the dtype of ``s``."""
+    return _mixing_sum(s.to(accumulation_dtype(s.dtype)), w, mask, geom).to(s.dtype)
+
+
+def mixing_aggregate_transposed(g, w, mask, geom: Geometry):
+    """``ds[b,c,j] = Σ_k m[k,j−o_k] · Σ_o W[k,o,c,j−o_k] · g[b,o,j−o_k]`` (fp32/fp64, ``[B, C_in, D, H, W]``).
+
+    As in the shared form the transpose is a gather at ``−o_k``: the post cell
+    ``i = j − o_k`` mixes ``g`` back through ``Wᵀ`` and sends it to ``j``.
+    """
+    acc = accumulation_dtype(g.dtype)
+    ga = g.to(acc)
+    ds = torch.zeros((g.shape[0], w.shape[2]) + tuple(g.shape[2:]), dtype=acc, device=g.device)
+    for k, o in enumerate(geom.offsets):
+        valid = in_lattice(g.shape[-3:], o, geom.periodic, g.device)
+        contrib = torch.einsum("ocdhw,bodhw->bcdhw", _effective_weight(w, mask, k, valid, acc), ga)
+        ds = ds + shift(contrib, tuple(-v for v in o), geom.periodic)[0]
+    return ds
+
+
+def mixing_weight_grad(g, s, mask, geom: Geometry, dtype):
+    """``dW[k,o,c,i] = m[k,i] · Σ_b g[b,o,i] · s[b,c,nbr(i,k)]`` (0 outside a zero boundary), in ``dtype``."""
+    acc = accumulation_dtype(g.dtype)
+    ga, sa = g.to(acc), s.to(acc)
+    dw = torch.zeros((geom.K, g.shape[1], s.shape[1]) + tuple(s.shape[2:]), dtype=acc, device=s.device)
+    for k, o in enumerate(geom.offsets):
+        s_nbr, valid = shift(sa, o, geom.periodic)
+        d = torch.einsum("bodhw,bcdhw->ocdhw", ga, s_nbr) * valid.to(acc)
+        if mask is not None:
+            d = d * mask[k].to(acc)
+        dw[k] = d
+    return dw.to(dtype)
+
+
+def mixing_aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_w: bool):
+    """``(ds, dw)`` of :func:`mixing_aggregate_forward` for the upstream ``g`` ``[B, C_out, D, H, W]``."""
+    ds = mixing_aggregate_transposed(g, w, mask, geom).to(s.dtype) if need_s else None
+    dw = mixing_weight_grad(g, s, mask, geom, w.dtype) if need_w else None
+    return ds, dw
+
+
+def mixing_propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
+    """``s' = (1-α)·s + α·φ(u)``, ``u = mixing_aggregate(s, W, mask) + x + bias`` (C_out = C_in).
+
+    Returns ``(s', u)`` as :func:`propagate_forward` does.
+    """
+    sa = s.to(accumulation_dtype(s.dtype))
+    return _cell_update(s, sa, _mixing_sum(sa, w, mask, geom), x, bias, leak, activation, save_u)
+
+
+def mixing_propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, activation: str,
+                              need_s: bool, need_w: bool, need_u: bool):
+    """Gradients of :func:`mixing_propagate_forward`: ``du = α · gᵀ·∂φ/∂u``,
+    ``ds = (1-α)·g + mixing_aggregate_transposed(du)``, ``dW = mixing_weight_grad(du, s)``."""
+    du = leak * activate_vjp(g.to(u.dtype), u, activation)
+    ds = dw = None
+    if need_s:
+        ds = ((1.0 - leak) * g.to(u.dtype) + mixing_aggregate_transposed(du, w, mask, geom)).to(s.dtype)
+    if need_w:
+        dw = mixing_weight_grad(du, s, mask, geom, w.dtype)
+    return ds, dw, (du if need_u else None)
+
+
+def winner_probabilities(u, beta, tau: float):
+    """``p[b,o,i] = softmax_o((u[b,o,i] + β[o,i]) / τ)``; for ``τ = 0`` the
+    one-hot of ``argmax_o (u + β)`` (ties to the lowest ``o``)."""
+    v = u + beta.to(u.dtype)
+    if tau == 0:
+        return torch.zeros_like(v).scatter_(1, v.argmax(dim=1, keepdim=True), 1.0)
+    return torch.softmax(v / tau, dim=1)
+
+
+def competitive_hebbian_(w, s, beta, mask, geom: Geometry, eta: float, tau: float, eta_beta: float, wins: bool):
+    """The competitive Hebbian step of SPEC §11, in place on ``w`` and ``beta``.
+
+    ``u = mixing_aggregate(s, W, mask)`` (fp32, fp64 when ``w`` or ``s`` is fp64),
+    ``p = softmax_o((u + β)/τ)``,
+    ``ΔW[k,o,c,i] = η/n[o,i] · Σ_b p[b,o,i] · (s[b,c,nbr(i,k)] − u[b,o,i] · W[k,o,c,i])``
+    on live synapses (not masked, neighbour inside the lattice), with
+    ``n = 1 + Σ_b p`` when ``wins`` else ``n = B``; then
+    ``β[o,i] ← β[o,i] − η_β · (mean_b p[b,o,i] − 1/C_out)``.
+    """
+    acc = _plasticity_dtype(w, s.dtype)
+    wa, sa = w.to(acc), s.to(acc)
+    B, C_out = s.shape[0], w.shape[1]
+    u = _mixing_sum(sa, wa, mask, geom)
+    p = winner_probabilities(u, beta, tau)
+    n = 1.0 + p.sum(0) if wins else torch.full_like(p[0], float(B))
+    live = live_synapses(mask, geom, tuple(s.shape[2:]), w.device)
+    pu = (p * u).sum(0)  # Σ_b p·u, [C_out, D, H, W]
+    new = torch.empty_like(wa)
+    for k, o in enumerate(geom.offsets):
+        s_nbr = shift(sa, o, geom.periodic)[0]
+        hebb = torch.einsum("bodhw,bcdhw->ocdhw", p, s_nbr)  # Σ_b p[b,o,i]·s[b,c,nbr(i,k)]
+        dwk = eta / n.unsqueeze(1) * (hebb - pu.unsqueeze(1) * wa[k])
+        new[k] = torch.where(live[k], wa[k] + dwk, wa[k])
+    w.copy_(new)
+    beta.copy_(beta - eta_beta * (p.mean(0).to(beta.dtype) - 1.0 / C_out))

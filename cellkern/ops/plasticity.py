@@ -41,7 +41,7 @@ from .rounding import next_step, round_weights_
 __all__ = ["stdp_", "bcm_", "plasticity_step_", "synapse_l1", "heterosynaptic_normalize_"]
 
 
-class _Weights:
+class WeightsForm:
     """The weights an op updates: ``w`` (dense ``[K, D, H, W]``, or ``w_ell``
     when ``idx`` is set) and the bool mask of the dense form."""
 
@@ -70,10 +70,10 @@ def _begin(op, w, mask, stencil, boundary, backend):
             if mask.device != w.device:
                 raise ValueError(f"{op}: mask must be on the device of w ({w.device}), got {mask.device}")
     _, be = backends.select(backend, w.device, op)
-    return geom, tuple(dims), be, _Weights(w, mask, idx)
+    return geom, tuple(dims), be, WeightsForm(w, mask, idx)
 
 
-def _sr(op, seed, step):
+def rounding_counter(op, seed, step):
     """The stochastic-rounding counter ``(seed, step)``; ``step`` None takes the next of the process-wide counter."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise TypeError(f"{op}: seed must be a non-negative int, got {type(seed).__name__} {seed!r}")
@@ -115,7 +115,7 @@ class _InPlace:
         return False
 
 
-def _update(wf: _Weights, geom, seed_step, kernel, be=None):
+def update_in_place(wf: WeightsForm, geom, seed_step, kernel, be=None):
     """Run ``kernel(w, mask)`` in place on the dense masked form of ``wf``.
 
     fp16/bf16 weights are updated in an fp32 copy and rounded back
@@ -144,7 +144,7 @@ def _update(wf: _Weights, geom, seed_step, kernel, be=None):
 
 def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
     with _InPlace(x_pre, x_post, theta) as (xp_, xq_, th_):
-        _update(wf, geom, seed_step,
+        update_in_place(wf, geom, seed_step,
                 lambda w_, m_: library.plasticity_op(w_, m_, *geom.op_args, *params_args(p), y, spikes, xp_, xq_, th_,
                                                gate, lr, backends.name_of(be)), be)
     return wf.w
@@ -201,7 +201,7 @@ def stdp_(w, z, x_pre, x_post, *, a_plus, a_minus, tau_plus, tau_minus, dt=1.0, 
     validation.check_cells(op, "x_post", x_post, dims, wf.w, batch=B)
     validation.check_cells(op, "z", z, dims, wf.w, batch=B, allow_bool=True)
     validation.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
-    seed_step = _sr(op, seed, step)
+    seed_step = rounding_counter(op, seed, step)
     sd = _same_dtype(op, [("x_pre", x_pre), ("x_post", x_post)])
     tp = validation.check_real(op, "tau_plus", tau_plus, positive=True)
     tm = validation.check_real(op, "tau_minus", tau_minus, positive=True)
@@ -253,7 +253,7 @@ def bcm_(w, y, theta, *, lr, tau_theta, decay=0.0, w_min=0.0, w_max=1.0, theta_m
     validation.check_cells(op, "theta", theta, dims, wf.w, per_sample=False)
     B = validation.check_cells(op, "y", y, dims, wf.w)
     validation.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
-    seed_step = _sr(op, seed, step)
+    seed_step = rounding_counter(op, seed, step)
     lr = validation.check_real(op, "lr", lr)
     tau = validation.check_real(op, "tau_theta", tau_theta, positive=True)
     decay = validation.check_real(op, "decay", decay, nonneg=True)
@@ -316,7 +316,7 @@ def plasticity_step_(w, y, state, rule, mask=None, *, lr_scale=1.0, activity_thr
     validation.check_cells(op, "state.theta", state.theta, dims, wf.w, per_sample=False)
     validation.check_cells(op, "y", y, dims, wf.w, batch=B)
     validation.check_cells(op, "gate", gate, dims, wf.w, batch=B, allow_bool=True, allow_none=True)
-    seed_step = _sr(op, seed, state.step if step is None else step)
+    seed_step = rounding_counter(op, seed, state.step if step is None else step)
     sd = _same_dtype(op, [("state.x_pre", state.x_pre), ("state.x_post", state.x_post),
                           ("state.theta", state.theta)])
     lr = None
@@ -385,9 +385,9 @@ def heterosynaptic_normalize_(w, target, mask=None, *, where=None, seed=0, step=
         validation.check_cells(op, "where", where, dims, wf.w, per_sample=False, allow_bool=True)
         if where.dtype != torch.bool:
             raise TypeError(f"{op}: where must be a bool tensor, got {where.dtype}")
-    seed_step = _sr(op, seed, step)
+    seed_step = rounding_counter(op, seed, step)
     acc = accumulation_dtype(wf.w.dtype)
     tgt, wh = _cast(target, acc), validation.contiguous(where)
-    _update(wf, geom, seed_step,
+    update_in_place(wf, geom, seed_step,
             lambda w_, m_: library.normalize_op(w_, m_, *geom.op_args, tgt, wh, backends.name_of(be)), be)
     return w

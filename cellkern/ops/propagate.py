@@ -9,6 +9,7 @@ from ..contract import ACTIVATIONS
 from ..stencil import geometry
 from . import forms
 from . import library
+from . import mixing
 from .. import validation
 
 __all__ = ["aggregate", "propagate", "propagate_steps"]
@@ -17,7 +18,8 @@ __all__ = ["aggregate", "propagate", "propagate_steps"]
 def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=None):
     """Weighted sum of each cell's neighbours.
 
-    ``a[b,c,i] = Σ_k m[k,i] · w[k,i] · s[b,c,nbr(i,k)]``
+    ``a[b,c,i] = Σ_k m[k,i] · w[k,i] · s[b,c,nbr(i,k)]`` (shared form), or with
+    channel mixing (SPEC §11) ``a[b,o,i] = Σ_k m[k,i] · Σ_c W[k,o,c,i] · s[b,c,nbr(i,k)]``
 
     Args:
         s: state ``[B, C, D, H, W]``, float16/bfloat16/float32/float64.
@@ -39,8 +41,8 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
             ``"triton"`` or ``"cuda"``. Default: None (or ``$CELLKERN_BACKEND``).
 
     Returns:
-        ``a`` ``[B, C, D, H, W]`` in the dtype of ``s`` (accumulated in fp32).
-        Differentiable in ``s`` and ``w``.
+        ``a`` ``[B, C, D, H, W]`` (``[B, C_out, D, H, W]`` for the mixing form) in the
+        dtype of ``s`` (accumulated in fp32). Differentiable in ``s`` and ``w``.
 
     Example:
         >>> import torch, cellkern as ck
@@ -52,6 +54,10 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
     op = "aggregate"
     geom = geometry(op, stencil, boundary)
     validation.check_state(op, s)
+    if mixing.is_mixing(w):
+        w, mask = mixing.mixing_weights(op, w, mask, geom.K, s, square=False)
+        return library.mixing_aggregate_op(validation.contiguous(s), validation.contiguous(w), validation.contiguous(mask), *geom.op_args,
+                                     mixing.select(backend, s.device, op))
     w, mask, idx = _weights(op, w, mask, geom, s)
     name, be = backends.select(backend, s.device, op)
     if idx is not None:
@@ -61,6 +67,7 @@ def aggregate(s, w, mask=None, *, stencil="moore", boundary="periodic", backend=
 
 def _weights(op, w, mask, geom, s):
     """The checked weight form: ``(w, mask, idx)``, ``idx`` None when dense (see :mod:`.forms`)."""
+    mixing.check_form(op, w, geom.K, s.shape[2:])
     w, mask, idx = forms.resolve(op, w, mask, geom.K, tuple(s.shape[2:]))
     validation.check_weights(op, w, s, geom.K, slots=idx is not None)
     if idx is None:
@@ -73,23 +80,38 @@ def _weights(op, w, mask, geom, s):
 def _prepare_propagate(op, s, w, mask, x, bias, leak, activation, stencil, boundary, backend):
     geom = geometry(op, stencil, boundary)
     validation.check_state(op, s)
-    w, mask, idx = _weights(op, w, mask, geom, s)
+    if mixing.is_mixing(w):
+        w, mask = mixing.mixing_weights(op, w, mask, geom.K, s, square=True)
+        idx = None
+        name = mixing.select(backend, s.device, op)
+        be = (name, backends.module(name))
+    else:
+        w, mask, idx = _weights(op, w, mask, geom, s)
+        be = backends.select(backend, s.device, op)  # (name, module)
     validation.check_bias(op, bias, s)
     leak = validation.check_leak(op, leak)
     activation = validation.check_choice(op, "activation", activation, ACTIVATIONS)
-    be = backends.select(backend, s.device, op)  # (name, module)
+    if activation == "triangle" and s.shape[1] < 2:
+        raise ValueError(f"{op}: activation 'triangle' needs at least 2 channels per cell (it subtracts their "
+                         f"mean), got C = {s.shape[1]}")
     if bias is not None and bias.dim() == 1:
         bias = bias.view(-1, 1, 1, 1).expand(bias.shape[0], *s.shape[2:])
     return geom, leak, activation, be, validation.contiguous(w), validation.contiguous(mask), idx, validation.contiguous(bias)
 
 
 def _step(s, w, mask, idx, x, bias, geom, leak, activation, be):
-    """One :func:`propagate` of checked inputs, dense or ELL; ``be`` is ``(name, module)``."""
+    """One :func:`propagate` of checked inputs, dense, ELL or mixing; ``be`` is ``(name, module)``.
+
+    ``triangle`` in the shared form: the kernels' ``identity`` update with α = 1
+    gives ``u``, then :func:`.mixing.triangle_update` (torch, differentiable)."""
     name, mod = be
+    if activation == "triangle" and w.dim() != 6:
+        return mixing.triangle_update(s, _step(s, w, mask, idx, x, bias, geom, 1.0, "identity", be), leak)
     if idx is not None:
         return forms.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, mod)
     save_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (s, w, x, bias))
-    return library.propagate_op(s, w, mask, x, bias, *geom.op_args, leak, activation, name, save_u)[0]
+    op = library.mixing_propagate_op if w.dim() == 6 else library.propagate_op
+    return op(s, w, mask, x, bias, *geom.op_args, leak, activation, name, save_u)[0]
 
 
 def _drive(x, s):
@@ -110,12 +132,15 @@ def propagate(s, w, mask=None, x=None, bias=None, *, leak=1.0, activation="tanh"
 
     Args:
         s: state ``[B, C, D, H, W]``.
-        w: weights ``[K, D, H, W]`` or the ELL form, as in :func:`aggregate`.
+        w: weights ``[K, D, H, W]``, the ELL form, or the mixing form
+            ``[K, C, C, D, H, W]`` (C_out = C_in), as in :func:`aggregate`.
         mask: optional mask, as in :func:`aggregate`. Default: None.
         x: optional external drive, shaped like ``s`` or broadcastable to it. Default: None.
         bias: optional ``[C]`` or ``[C, D, H, W]``. Default: None.
         leak: α in [0, 1]; 1 replaces the state, 0 keeps it. Default: 1.0.
-        activation: φ, one of ``identity``, ``tanh``, ``relu``, ``sigmoid``. Default: ``"tanh"``.
+        activation: φ, one of ``identity``, ``tanh``, ``relu``, ``sigmoid`` or ``triangle``
+            (``relu(u[o] − mean_c u[c])`` over the cell's channels, C ≥ 2; in the shared
+            form a torch epilogue after the kernel). Default: ``"tanh"``.
         stencil, boundary, backend: as in :func:`aggregate`.
 
     Returns:

@@ -322,6 +322,158 @@ void heterosynaptic_normalize_(at::Tensor& w, const std::optional<at::Tensor>& m
         "heterosynaptic_normalize_");
 }
 
+// ---- the mixing form ----
+
+struct MixShape {
+  Lattice L;
+  int B, Ci, Co;
+};
+
+MixShape mix_shape(const at::Tensor& s, const at::Tensor& w, const at::Tensor& offsets,
+                   const c10::List<bool>& periodic) {
+  TORCH_CHECK(s.dim() == 5, "cellkern_cuda: s must be [B, C_in, D, H, W], got ", s.sizes());
+  TORCH_CHECK(w.dim() == 6 && w.size(0) == offsets.size(0) && w.size(2) == s.size(1) && w.size(3) == s.size(2) &&
+                  w.size(4) == s.size(3) && w.size(5) == s.size(4),
+              "cellkern_cuda: w must be [K, C_out, C_in, D, H, W] for s ", s.sizes(), ", got ", w.sizes());
+  check_cuda(s, "s", s);
+  check_cuda(w, "w", s);
+  MixShape m;
+  m.L = make_lattice(s.size(0) * s.size(1), s.size(1), s.size(2), s.size(3), s.size(4), offsets, periodic, s);
+  m.B = int(s.size(0));
+  m.Ci = int(s.size(1));
+  m.Co = int(w.size(1));
+  return m;
+}
+
+at::Tensor mixing_aggregate_forward(const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+                                    const at::Tensor& offsets, c10::List<bool> periodic, int64_t stream) {
+  const MixShape m = mix_shape(s, w, offsets, periodic);
+  TORCH_CHECK(w.scalar_type() == s.scalar_type(), "cellkern_cuda: w must be ", s.scalar_type(), ", got ",
+              w.scalar_type());
+  at::Tensor a = empty_output({m.B, m.Co, s.size(2), s.size(3), s.size(4)}, s.options());
+  check(cuda::mixing_sum(m.L, m.B, m.Ci, m.Co, dtype_of(s), s.data_ptr(), w.data_ptr(), byte_ptr(mask, s, "mask"),
+                         a.data_ptr(), nullptr, stream_of(stream)),
+        "mixing_aggregate_forward");
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> mixing_aggregate_backward(const at::Tensor& g, const at::Tensor& s,
+                                                              const at::Tensor& w,
+                                                              const std::optional<at::Tensor>& mask,
+                                                              const at::Tensor& offsets, c10::List<bool> periodic,
+                                                              bool need_s, bool need_w, int64_t stream) {
+  const MixShape m = mix_shape(s, w, offsets, periodic);
+  TORCH_CHECK(w.scalar_type() == s.scalar_type(), "cellkern_cuda: w must be ", s.scalar_type(), ", got ",
+              w.scalar_type());
+  check_cuda(g, "g", s);
+  const at::ScalarType acc = acc_of(s.scalar_type());
+  const at::Tensor ga = as_acc(g, acc);
+  const uint8_t* p_m = byte_ptr(mask, s, "mask");
+  at::Tensor ds = need_s ? empty_output(s.sizes(), s.options()) : at::empty({0}, s.options());
+  at::Tensor dw = need_w ? empty_output(w.sizes(), w.options()) : at::empty({0}, w.options());
+  if (need_s) {
+    check(cuda::mixing_transposed(m.L, m.B, m.Ci, m.Co, dtype_of(s), ga.data_ptr(), w.data_ptr(), p_m, nullptr, 0.0,
+                                  ds.data_ptr(), stream_of(stream)),
+          "mixing_aggregate_backward");
+  }
+  if (need_w) {
+    const at::Tensor sa = as_acc(s, acc);
+    check(cuda::mixing_weight_grad(m.L, m.B, m.Ci, m.Co, dtype_of(w), ga.data_ptr(), sa.data_ptr(), p_m,
+                                   dw.data_ptr(), stream_of(stream)),
+          "mixing_aggregate_backward");
+  }
+  return {ds, dw};
+}
+
+std::tuple<at::Tensor, at::Tensor> mixing_propagate_forward(const at::Tensor& s, const at::Tensor& w,
+                                                             const std::optional<at::Tensor>& mask,
+                                                             const std::optional<at::Tensor>& x,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             const at::Tensor& offsets, c10::List<bool> periodic,
+                                                             double leak, int64_t act, bool save_u, int64_t stream) {
+  const MixShape m = mix_shape(s, w, offsets, periodic);
+  TORCH_CHECK(w.scalar_type() == s.scalar_type(), "cellkern_cuda: w must be ", s.scalar_type(), ", got ",
+              w.scalar_type());
+  TORCH_CHECK(m.Co == m.Ci, "cellkern_cuda: mixing_propagate_forward needs C_out == C_in, got ", m.Co, " and ", m.Ci);
+  TORCH_CHECK(act >= 0 && act <= 4, "cellkern_cuda: act must be 0..4, got ", act);
+  const at::Tensor tx = opt(x), tb = opt(bias);
+  if (tx.defined()) check_cuda(tx, "x", s);
+  if (tb.defined()) check_cuda(tb, "bias", s);
+  const auto u_opts = s.options().dtype(acc_of(s.scalar_type()));
+  at::Tensor out = empty_output(s.sizes(), s.options());
+  at::Tensor u = at::empty(s.sizes(), u_opts);  // a, then u (returned when save_u)
+  void* st = stream_of(stream);
+  check(cuda::mixing_sum(m.L, m.B, m.Ci, m.Co, dtype_of(s), s.data_ptr(), w.data_ptr(), byte_ptr(mask, s, "mask"),
+                         nullptr, u.data_ptr(), st),
+        "mixing_propagate_forward");
+  check(cuda::mixing_cell_update(m.B, m.Co, s.size(2) * s.size(3) * s.size(4), dtype_of(s), s.data_ptr(), ptr(tx),
+                                 ptr(tb), leak, int(act), out.data_ptr(), u.data_ptr(), st),
+        "mixing_propagate_forward");
+  return {out, save_u ? u : at::empty({0}, u_opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixing_propagate_backward(
+    const at::Tensor& g, const at::Tensor& s, const at::Tensor& w, const std::optional<at::Tensor>& mask,
+    const at::Tensor& u, const at::Tensor& offsets, c10::List<bool> periodic, double leak, int64_t act, bool need_s,
+    bool need_w, int64_t stream) {
+  const MixShape m = mix_shape(s, w, offsets, periodic);
+  TORCH_CHECK(w.scalar_type() == s.scalar_type(), "cellkern_cuda: w must be ", s.scalar_type(), ", got ",
+              w.scalar_type());
+  TORCH_CHECK(m.Co == m.Ci, "cellkern_cuda: mixing_propagate_backward needs C_out == C_in, got ", m.Co, " and ", m.Ci);
+  TORCH_CHECK(act >= 0 && act <= 4, "cellkern_cuda: act must be 0..4, got ", act);
+  check_cuda(g, "g", s);
+  check_cuda(u, "u", s);
+  const at::ScalarType acc = acc_of(s.scalar_type());
+  TORCH_CHECK(u.scalar_type() == acc, "cellkern_cuda: u must be ", acc, " for ", s.scalar_type(), " inputs, got ",
+              u.scalar_type());
+  const uint8_t* p_m = byte_ptr(mask, s, "mask");
+  void* st = stream_of(stream);
+  at::Tensor du = empty_output(s.sizes(), u.options());
+  at::Tensor ds = need_s ? empty_output(s.sizes(), s.options()) : at::empty({0}, s.options());
+  at::Tensor dw = need_w ? empty_output(w.sizes(), w.options()) : at::empty({0}, w.options());
+  check(cuda::mixing_grad_u(m.B, m.Co, s.size(2) * s.size(3) * s.size(4), dtype_of(s), g.data_ptr(), u.data_ptr(),
+                            leak, int(act), du.data_ptr(), st),
+        "mixing_propagate_backward");
+  if (need_s) {
+    check(cuda::mixing_transposed(m.L, m.B, m.Ci, m.Co, dtype_of(s), du.data_ptr(), w.data_ptr(), p_m, g.data_ptr(),
+                                  1.0 - leak, ds.data_ptr(), st),
+          "mixing_propagate_backward");
+  }
+  if (need_w) {
+    const at::Tensor sa = as_acc(s, acc);
+    check(cuda::mixing_weight_grad(m.L, m.B, m.Ci, m.Co, dtype_of(w), du.data_ptr(), sa.data_ptr(), p_m,
+                                   dw.data_ptr(), st),
+          "mixing_propagate_backward");
+  }
+  return {ds, dw, du};
+}
+
+void competitive_hebbian_(at::Tensor& w, const at::Tensor& s, at::Tensor& beta, const std::optional<at::Tensor>& mask,
+                          const at::Tensor& offsets, c10::List<bool> periodic, double eta, double tau,
+                          double eta_beta, bool wins, int64_t stream) {
+  const MixShape m = mix_shape(s, w, offsets, periodic);
+  TORCH_CHECK(tau >= 0, "cellkern_cuda: competitive_hebbian_: tau must be >= 0, got ", tau);
+  check_cuda(beta, "beta", s);
+  TORCH_CHECK(beta.numel() == int64_t(m.Co) * m.L.D * m.L.H * m.L.W,
+              "cellkern_cuda: competitive_hebbian_: beta must be [C_out, D, H, W], got ", beta.sizes());
+  // fp64 arithmetic when w or s is fp64 (then a w of another dtype goes through an fp64 copy)
+  const at::ScalarType acc =
+      (w.scalar_type() == at::kDouble || s.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  const bool copy_w = acc == at::kDouble && w.scalar_type() != at::kDouble;
+  at::Tensor ww = copy_w ? w.to(at::kDouble) : w;
+  const at::Tensor sa = as_acc(s, acc);
+  at::Tensor ba = as_acc(beta, acc);
+  const auto a_opts = s.options().dtype(acc);
+  at::Tensor up = at::empty({m.B, m.Co, s.size(2), s.size(3), s.size(4)}, a_opts);
+  at::Tensor q = at::empty(beta.sizes(), a_opts), scale = at::empty(beta.sizes(), a_opts);
+  check(cuda::competitive_hebbian(m.L, m.B, m.Ci, m.Co, dtype_of(ww), ww.data_ptr(), sa.data_ptr(),
+                                  byte_ptr(mask, s, "mask"), ba.data_ptr(), up.data_ptr(), q.data_ptr(),
+                                  scale.data_ptr(), eta, tau, eta_beta, wins, stream_of(stream)),
+        "competitive_hebbian_");
+  if (copy_w) w.copy_(ww);
+  if (!ba.is_same(beta)) beta.copy_(ba);
+}
+
 }  // namespace glue
 }  // namespace cuda
 }  // namespace cellkern
@@ -348,6 +500,21 @@ CK_TORCH_LIBRARY(CK_CUDA_LIBRARY, m) {
   m.def(
       "heterosynaptic_normalize_(Tensor(a!) w, Tensor? mask, Tensor offsets, bool[] periodic, Tensor target, "
       "Tensor? where, int stream) -> ()");
+  m.def(
+      "mixing_aggregate_forward(Tensor s, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic, int stream) "
+      "-> Tensor");
+  m.def(
+      "mixing_aggregate_backward(Tensor g, Tensor s, Tensor w, Tensor? mask, Tensor offsets, bool[] periodic, "
+      "bool need_s, bool need_w, int stream) -> (Tensor, Tensor)");
+  m.def(
+      "mixing_propagate_forward(Tensor s, Tensor w, Tensor? mask, Tensor? x, Tensor? bias, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool save_u, int stream) -> (Tensor, Tensor)");
+  m.def(
+      "mixing_propagate_backward(Tensor g, Tensor s, Tensor w, Tensor? mask, Tensor u, Tensor offsets, "
+      "bool[] periodic, float leak, int act, bool need_s, bool need_w, int stream) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "competitive_hebbian_(Tensor(a!) w, Tensor s, Tensor(b!) beta, Tensor? mask, Tensor offsets, "
+      "bool[] periodic, float eta, float tau, float eta_beta, bool wins, int stream) -> ()");
 }
 
 CK_TORCH_LIBRARY_IMPL(CK_CUDA_LIBRARY, CK_CUDA_KEY, m) {
@@ -360,6 +527,11 @@ CK_TORCH_LIBRARY_IMPL(CK_CUDA_LIBRARY, CK_CUDA_KEY, m) {
   m.impl("local_winners", &cellkern::cuda::glue::local_winners);
   m.impl("plasticity_", &cellkern::cuda::glue::plasticity_);
   m.impl("heterosynaptic_normalize_", &cellkern::cuda::glue::heterosynaptic_normalize_);
+  m.impl("mixing_aggregate_forward", &cellkern::cuda::glue::mixing_aggregate_forward);
+  m.impl("mixing_aggregate_backward", &cellkern::cuda::glue::mixing_aggregate_backward);
+  m.impl("mixing_propagate_forward", &cellkern::cuda::glue::mixing_propagate_forward);
+  m.impl("mixing_propagate_backward", &cellkern::cuda::glue::mixing_propagate_backward);
+  m.impl("competitive_hebbian_", &cellkern::cuda::glue::competitive_hebbian_);
 }
 
 // The ops live in torch.ops.cellkern_cuda; the module itself is empty.

@@ -79,5 +79,37 @@ const char* plasticity_cells(int64_t B, int64_t n, const PlasticityParams& P, Dt
 const char* normalize(const Lattice& L, Dtype w_t, Dtype a, void* w, const uint8_t* mask, const void* target,
                       const uint8_t* where, void* stream);
 
+// ---- the mixing form (mixing.cu): W [K, C_out, C_in, D, H, W]; L.BC is B·C_in ----
+
+/// a[b,o,i] = Σ_k m·Σ_c W[k,o,c,i]·s[b,c,nbr(i,k)]: into u (A) when u is not
+/// null, else into out (T). s, w in T.
+const char* mixing_sum(const Lattice& L, int B, int Ci, int Co, Dtype t, const void* s, const void* w,
+                       const uint8_t* mask, void* out, void* u, void* stream);
+
+/// out[b,c,j] = r·res[b,c,j] + Σ_k m[k,j−o_k]·Σ_o W[k,o,c,j−o_k]·g[b,o,j−o_k];
+/// g in A, w, res (may be null) and out in T.
+const char* mixing_transposed(const Lattice& L, int B, int Ci, int Co, Dtype t, const void* g, const void* w,
+                              const uint8_t* mask, const void* res, double res_coef, void* out, void* stream);
+
+/// dW[k,o,c,i] = m[k,i]·Σ_b g[b,o,i]·s[b,c,nbr(i,k)] (0 where the synapse does
+/// not exist); g and s in A, dW in T.
+const char* mixing_weight_grad(const Lattice& L, int B, int Ci, int Co, Dtype t, const void* g, const void* s,
+                               const uint8_t* mask, void* dw, void* stream);
+
+/// u ← a + x + bias, out = (1−α)·s + α·φ(u) over B samples of C channels and
+/// n cells; act 4 is "triangle" (relu(u − mean_c u)). u in A; s, x, bias, out in T.
+const char* mixing_cell_update(int64_t B, int C, int64_t n, Dtype t, const void* s, const void* x, const void* bias,
+                               double leak, int act, void* out, void* u, void* stream);
+
+/// du = α·gᵀ·∂φ/∂u (act 4: triangle) over B samples of C channels and n cells; g in T, u and du in A.
+const char* mixing_grad_u(int64_t B, int C, int64_t n, Dtype t, const void* g, const void* u, double leak, int act,
+                          void* du, void* stream);
+
+/// The competitive Hebbian step, in place on w (w_t) and beta (A): s in A,
+/// scratch up [B, C_out, D, H, W], q and scale [C_out, D, H, W] in A.
+const char* competitive_hebbian(const Lattice& L, int B, int Ci, int Co, Dtype w_t, void* w, const void* s,
+                                const uint8_t* mask, void* beta, void* up, void* q, void* scale, double eta,
+                                double tau, double eta_beta, bool wins, void* stream);
+
 }  // namespace cuda
 }  // namespace cellkern

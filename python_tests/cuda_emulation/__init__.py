@@ -47,7 +47,8 @@ def build() -> None:
     os.makedirs(out, exist_ok=True)
     load(name="cellkern_cuda_emu",
          sources=[os.path.join(ROOT, "csrc", "cuda", "bindings.cpp"),
-                  os.path.join(HERE, "propagate_emulated.cpp"), os.path.join(HERE, "plasticity_emulated.cpp")],
+                  os.path.join(HERE, "propagate_emulated.cpp"), os.path.join(HERE, "plasticity_emulated.cpp"),
+                  os.path.join(HERE, "mixing_emulated.cpp")],
          extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), HERE, inc],
          extra_cflags=["-O1", "-DCELLKERN_CUDA_EMULATION", "-Wno-unknown-pragmas"],
          build_directory=out, is_python_module=False, verbose=False)

@@ -36,8 +36,8 @@ import triton.language as tl
 from .. import new_output
 from ...contract import ACTIVATION_CODES, accumulation_dtype
 from ...stencil import Geometry
-from .tiles import (INTERPRET, TILE_TUNING, TL_ACC, configs, mask_u8, neighbour, on_device, stencil_tile,
-                    tile_grid)
+from .tiles import (INTERPRET, TILE_TUNING, TL_ACC, activate, activate_grad, configs, k_block, mask_u8, neighbour,
+                    on_device, stencil_tile, tile_grid)
 
 @triton.jit
 def _gather_tile(BC, D, H, W, BLOCK_BC: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -57,53 +57,6 @@ def _gather_tile(BC, D, H, W, BLOCK_BC: tl.constexpr, BLOCK_X: tl.constexpr):
     N = tl.cast(D, tl.int64) * H * W
     p_bc = bc[:, None] * N
     return row, z, y, bc, x, m_bc, m_x, N, p_bc
-
-
-@triton.jit
-def _tanh(u):
-    """tanh without libdevice: ``sign(u)·(1-e)/(1+e)``, ``e = exp(-2|u|)``
-    (no overflow for large |u|), a short series near 0 against cancellation."""
-    au = tl.abs(u)
-    e = tl.exp(-2.0 * au)
-    t = (1.0 - e) / (1.0 + e)
-    if u.dtype == tl.float32:  # fp64 has the digits to spare
-        u2 = au * au
-        t = tl.where(au < 0.0625, au * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0))), t)
-    return tl.where(u < 0, -t, t)
-
-
-@triton.jit
-def _sigmoid(u):
-    """``1/(1+exp(-u))``; exp overflowing to inf gives the right limit 0."""
-    return 1.0 / (1.0 + tl.exp(-u))
-
-
-@triton.jit
-def _activate(u, ACT: tl.constexpr):
-    """φ(u): 0 identity, 1 tanh, 2 relu, 3 sigmoid."""
-    if ACT == 1:
-        return _tanh(u)
-    elif ACT == 2:
-        return tl.where(u > 0, u, 0.0)
-    elif ACT == 3:
-        return _sigmoid(u)
-    else:
-        return u
-
-
-@triton.jit
-def _activate_grad(u, ACT: tl.constexpr):
-    """φ'(u); relu'(0) = 0 as in torch."""
-    if ACT == 1:
-        t = _tanh(u)
-        return 1.0 - t * t
-    elif ACT == 2:
-        return tl.where(u > 0, 1.0, 0.0).to(u.dtype)
-    elif ACT == 3:
-        sg = _sigmoid(u)
-        return sg * (1.0 - sg)
-    else:
-        return tl.full(u.shape, 1.0, u.dtype)
 
 
 @triton.jit
@@ -191,7 +144,7 @@ def _gather_fwd_kernel(
             tl.store(p_u + p_i, b_u, mask=m_o)
         a = tl.full([], leak, ACC)
         b_c = tl.load(p_s + p_i, mask=m_o, other=0.0).to(ACC)
-        b_out = (1.0 - a) * b_c + a * _activate(b_u, ACT)
+        b_out = (1.0 - a) * b_c + a * activate(b_u, ACT)
         tl.store(p_out + p_i, b_out.to(p_out.dtype.element_ty), mask=m_o)
 
 
@@ -250,7 +203,7 @@ def _weight_grad_kernel(
         b_e = tl.load(p_g + p_bc + p_i, mask=m_x, other=0.0).to(ACC)
         if FROM_U:
             b_u = tl.load(p_u + p_bc + p_i, mask=m_x, other=0.0).to(ACC)
-            b_e = b_e * a * _activate_grad(b_u, ACT)
+            b_e = b_e * a * activate_grad(b_u, ACT)
             if WRITE_DU:
                 tl.store(p_du + p_bc + p_i, b_e, mask=m_x)
         b_s = tl.load(p_s + p_bc + p_nbr, mask=m_kx, other=0.0)
@@ -274,7 +227,7 @@ def _du_kernel(p_g, p_u, p_du, leak: tl.float64, n, ACT: tl.constexpr, ACC: tl.c
     a = tl.full([], leak, ACC)
     b_g = tl.load(p_g + offs, mask=m, other=0.0).to(ACC)
     b_u = tl.load(p_u + offs, mask=m, other=0.0).to(ACC)
-    tl.store(p_du + offs, b_g * a * _activate_grad(b_u, ACT), mask=m)
+    tl.store(p_du + offs, b_g * a * activate_grad(b_u, ACT), mask=m)
 
 
 def _blocks(BC: int, W: int) -> tuple:
@@ -285,11 +238,6 @@ def _blocks(BC: int, W: int) -> tuple:
     block_x = max(16, min(triton.next_power_of_2(W), 128))
     block_bc = min(triton.next_power_of_2(BC), max(1, 2048 // block_x), 16)
     return block_bc, block_x
-
-
-def _k_block(K: int) -> int:
-    """Offsets per loop iteration: 1 on GPU (registers), all in the interpreter."""
-    return min(triton.next_power_of_2(K), 64) if INTERPRET else 1
 
 
 def _gather_fwd(s, w, mask, x, bias, geom: Geometry, leak: float, act: int, epilogue: int, save_u: bool):
@@ -308,7 +256,7 @@ def _gather_fwd(s, w, mask, x, bias, geom: Geometry, leak: float, act: int, epil
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
         HAS_MASK=m is not None, HAS_X=x is not None, HAS_BIAS=bias is not None,
         EPILOGUE=epilogue, ACT=act, SAVE_U=save_u, ACC=TL_ACC[acc_t],
-        BLOCK_BC=block_bc, BLOCK_X=block_x, K_BLOCK=_k_block(geom.K),
+        BLOCK_BC=block_bc, BLOCK_X=block_x, K_BLOCK=k_block(geom.K),
     )
     return out, u
 
@@ -327,7 +275,7 @@ def _gather_bwd(g, w, mask, geom: Geometry, out_dtype, res=None, res_coef: float
         float(res_coef), BC, D, H, W, geom.K,
         PZ=geom.periodic[0], PY=geom.periodic[1], PX=geom.periodic[2],
         HAS_MASK=m is not None, HAS_RES=res is not None, ACC=TL_ACC[acc_t],
-        BLOCK_BC=block_bc, BLOCK_X=block_x, K_BLOCK=_k_block(geom.K),
+        BLOCK_BC=block_bc, BLOCK_X=block_x, K_BLOCK=k_block(geom.K),
     )
     return out
 

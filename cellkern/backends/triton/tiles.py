@@ -110,3 +110,55 @@ def on_device(t: torch.Tensor):
 
 def mask_u8(mask):
     return None if mask is None else mask.view(torch.uint8)
+
+
+@triton.jit
+def _tanh(u):
+    """tanh without libdevice: ``sign(u)·(1-e)/(1+e)``, ``e = exp(-2|u|)``
+    (no overflow for large |u|), a short series near 0 against cancellation."""
+    au = tl.abs(u)
+    e = tl.exp(-2.0 * au)
+    t = (1.0 - e) / (1.0 + e)
+    if u.dtype == tl.float32:  # fp64 has the digits to spare
+        u2 = au * au
+        t = tl.where(au < 0.0625, au * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0))), t)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _sigmoid(u):
+    """``1/(1+exp(-u))``; exp overflowing to inf gives the right limit 0."""
+    return 1.0 / (1.0 + tl.exp(-u))
+
+
+@triton.jit
+def activate(u, ACT: tl.constexpr):
+    """φ(u): 0 identity, 1 tanh, 2 relu, 3 sigmoid."""
+    if ACT == 1:
+        return _tanh(u)
+    elif ACT == 2:
+        return tl.where(u > 0, u, 0.0)
+    elif ACT == 3:
+        return _sigmoid(u)
+    else:
+        return u
+
+
+@triton.jit
+def activate_grad(u, ACT: tl.constexpr):
+    """φ'(u); relu'(0) = 0 as in torch."""
+    if ACT == 1:
+        t = _tanh(u)
+        return 1.0 - t * t
+    elif ACT == 2:
+        return tl.where(u > 0, 1.0, 0.0).to(u.dtype)
+    elif ACT == 3:
+        sg = _sigmoid(u)
+        return sg * (1.0 - sg)
+    else:
+        return tl.full(u.shape, 1.0, u.dtype)
+
+
+def k_block(K: int) -> int:
+    """Offsets per loop iteration: 1 on GPU (registers), all in the interpreter."""
+    return min(triton.next_power_of_2(K), 64) if INTERPRET else 1
