@@ -18,6 +18,12 @@
 //
 // Precision: per-cell fields and all sums are fp32 (fp64 when w or the state
 // is fp64); w is loaded in its own dtype and rounded back to it.
+//
+// Compile time: the fused step's sweep (plasticity_pass.h) is instantiated
+// per (w dtype, accumulation dtype) in plasticity_{f32,f16,bf16,f64}.cpp, so
+// that the groups compile in parallel; inside it, only the innermost row
+// sweep is compiled per flag set (multiplicative × normalise × live × batch
+// sums: 16 sweep_row copies), the per-row work around it once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
