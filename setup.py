@@ -17,7 +17,13 @@ Environment switches:
     TORCH_CUDA_ARCH_LIST    architectures, e.g. "8.0;9.0" or "9.0+PTX" (default: sm_80, sm_90 + PTX)
     CELLKERN_BUILD_ONLY=cuda  build cellkern._C_cuda alone (forces the CUDA kernels; the
                             quick GPU check: ``tools/gpu_check.sh`` with GPU_CHECK_BUILD=cuda)
-    CELLKERN_NATIVE=0       do not compile with -march=native
+    CELLKERN_MARCH=<arch>   compile the C++ kernels with -march=<arch> (default: native), e.g.
+                            x86-64-v3 (AVX2 + FMA: measures the AVX2 paths on an AVX-512
+                            machine), x86-64-v4 (AVX-512), armv8.2-a; "none": no -march flag
+                            (the compiler's baseline: a binary that moves between machines).
+                            cellkern._C.MARCH / VECTOR_ISA / ISA_MACROS record the result
+                            (``python -m cellkern.info`` prints them)
+    CELLKERN_NATIVE=0       the same as CELLKERN_MARCH=none
     MAX_JOBS                parallel compile jobs (default: from free memory and cores)
 
 The nvcc compiles start first and run beside the C++ compiles of both
@@ -75,12 +81,35 @@ def _compiler_accepts(flag: str) -> bool:
         return res.returncode == 0
 
 
-def _native_flags() -> list:
+def _march() -> str:
+    """The -march the C++ kernels are built for: CELLKERN_MARCH (default
+    ``native``), ``none`` for no -march flag (also CELLKERN_NATIVE=0)."""
+    march = os.environ.get("CELLKERN_MARCH", "").strip() or "native"
     if _flag("CELLKERN_NATIVE") is False:
-        return []
-    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        return []
-    return ["-march=native"] if _compiler_accepts("-march=native") else []
+        if os.environ.get("CELLKERN_MARCH", "").strip() not in ("", "none"):
+            raise ValueError(f"CELLKERN_NATIVE=0 contradicts CELLKERN_MARCH={march}")
+        march = "none"
+    if march != "none" and not all(c.isalnum() or c in "-_.+" for c in march):
+        raise ValueError(f"CELLKERN_MARCH must be an architecture name such as native or x86-64-v3, got {march!r}")
+    return march
+
+
+def _native_flags() -> list:
+    """``-march=<CELLKERN_MARCH>`` and the define that records it in cellkern._C.MARCH.
+    An explicit CELLKERN_MARCH the compiler rejects is an error; the default
+    ``native`` is dropped silently where the compiler or machine lacks it."""
+    march = _march()
+    record = [f"-DCELLKERN_MARCH={march}"]  # a bare token (no shell quoting): csrc/cellkern.cpp stringifies it
+    if march == "none":
+        return record
+    if march == "native":
+        if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64") or \
+                not _compiler_accepts("-march=native"):
+            return ["-DCELLKERN_MARCH=none"]
+        return ["-march=native"] + record
+    if not _compiler_accepts(f"-march={march}"):
+        raise ValueError(f"CELLKERN_MARCH={march}: the compiler rejects -march={march}")
+    return [f"-march={march}"] + record
 
 
 def _nvcc(cuda_home):
@@ -239,7 +268,9 @@ def extensions():
     # wrapping signed arithmetic GCC cannot prove index loops free of overflow
     # and can emit much slower code (a standalone 128³ moore gather loop: 14.8
     # ms with -fwrapv, 5.6 ms without). The kernels never rely on signed wrap.
-    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp"] + _native_flags()
+    # -g0 undoes the -g of Python's CFLAGS: the debug info of the kernels'
+    # template instantiations costs compile time and changes no instruction.
+    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp", "-g0"] + _native_flags()
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     kwargs = dict(
         name="cellkern._C",

@@ -66,6 +66,15 @@ def _triton_version():
     return triton.__version__
 
 
+def _build_isa():
+    """The vector ISA the C++ CPU extension was built for (cellkern.info.build_isa), or None."""
+    try:
+        from cellkern.info import build_isa
+    except ImportError:
+        return None
+    return build_isa()
+
+
 def describe_machine(device: torch.device) -> dict:
     """What the numbers were measured on (no hostname)."""
     device = torch.device(device)
@@ -81,6 +90,8 @@ def describe_machine(device: torch.device) -> dict:
         "cuda_runtime": torch.version.cuda,
         "gpu": None,
         "gpu_memory_gib": None,
+        # what the C++ kernels were compiled for (-march, widest vector unit, ISA macros)
+        "cpu_build": _build_isa(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -104,8 +115,13 @@ def machine_busy(info: dict, own_threads: int = 0) -> bool:
 
 
 def device_slug(info: dict) -> str:
-    """A file-name-safe name of the device: the GPU on CUDA, else the CPU and its cores."""
-    name = info["gpu"] if info["device"] == "cuda" else f"{info['cpu_model']}-{info['cpu_cores']}c"
+    """A file-name-safe name of the device: the GPU on CUDA, else the CPU, its
+    cores and the vector ISA the C++ kernels were built for (``…-2c-avx2-fma``)."""
+    if info["device"] == "cuda":
+        name = info["gpu"]
+    else:
+        build = info.get("cpu_build") or {}
+        name = f"{info['cpu_model']}-{info['cpu_cores']}c-{build.get('vector_isa') or 'no-ext'}"
     slug = re.sub(r"[^a-z0-9]+", "-", f"{info['device']}-{name}".lower()).strip("-")
     return slug or "unknown"
 
@@ -288,6 +304,10 @@ def format_table(columns, rows, separators=()) -> str:
 
 def format_machine(info: dict, roof: dict) -> str:
     dev = info["gpu"] if info["device"] == "cuda" else f"{info['cpu_model']}, {info['cpu_cores']} cores"
+    build = info.get("cpu_build")
+    if info["device"] != "cuda":
+        dev += (f", kernels built -march={build['march']} ({build['vector_isa']})" if build
+                else ", no C++ extension")
     lines = [
         f"device   {info['device']}: {dev} (torch threads {info['torch_threads']})",
         f"software torch {info['torch']}, triton {info['triton'] or '-'}, CUDA {info['cuda_runtime'] or '-'}, "

@@ -9,6 +9,19 @@ from . import __version__
 from .backends import backend_status
 
 
+def build_isa():
+    """What the C++ CPU extension was compiled for, or None when it is not built:
+    ``{"march": "native" | "x86-64-v3" | "none" | ..., "vector_isa": "avx512" |
+    "avx2-fma" | "neon" | ..., "macros": ["__AVX512F__", "__AVX2__", ...]}``
+    (the compiler's predefined ISA macros, recorded at build time)."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return {"march": getattr(_C, "MARCH", None), "vector_isa": getattr(_C, "VECTOR_ISA", None),
+            "macros": list(getattr(_C, "ISA_MACROS", ()))}
+
+
 def describe() -> str:
     lines = [f"cellkern {__version__}",
              f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}",
@@ -24,6 +37,12 @@ def describe() -> str:
             lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)}")
     else:
         lines.append("devices: cpu only (no CUDA device)")
+    isa = build_isa()
+    if isa is None:
+        lines.append("cpu extension: not built")
+    else:
+        lines.append(f"cpu extension: -march={isa['march']}, vector ISA {isa['vector_isa']} "
+                     f"({' '.join(isa['macros']) or 'no ISA macro'})")
     lines.append("backends:")
     for name, state in backend_status().items():
         lines.append(f"  {name:<10} {state}")

@@ -4,7 +4,9 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace cellkern {
 namespace cpu {
@@ -138,5 +140,81 @@ TORCH_LIBRARY_IMPL(cellkern_cpu, CPU, m) {
   m.impl("competitive_hebbian_", &cellkern::cpu::competitive_hebbian_);
 }
 
-// The ops live in torch.ops.cellkern_cpu; the module itself is empty.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// The vector ISA this file (and, with the same flags, every kernel of the
+// extension) was compiled for: the compiler's predefined macros, widest first.
+namespace {
+
+// setup.py passes -DCELLKERN_MARCH=<arch> as bare tokens (x86-64-v3, native,
+// none): quotes would not survive the shell of the ninja build.
+#define CELLKERN_STR2(x) #x
+#define CELLKERN_STR(x) CELLKERN_STR2(x)
+#ifdef CELLKERN_MARCH
+#define CELLKERN_MARCH_NAME CELLKERN_STR(CELLKERN_MARCH)
+#else
+#define CELLKERN_MARCH_NAME "unrecorded"
+#endif
+
+std::vector<std::string> isa_macros() {
+  std::vector<std::string> out;
+#if defined(__AVX512F__)
+  out.push_back("__AVX512F__");
+#endif
+#if defined(__AVX512BW__)
+  out.push_back("__AVX512BW__");
+#endif
+#if defined(__AVX512VL__)
+  out.push_back("__AVX512VL__");
+#endif
+#if defined(__AVX2__)
+  out.push_back("__AVX2__");
+#endif
+#if defined(__FMA__)
+  out.push_back("__FMA__");
+#endif
+#if defined(__F16C__)
+  out.push_back("__F16C__");
+#endif
+#if defined(__AVX__)
+  out.push_back("__AVX__");
+#endif
+#if defined(__SSE4_2__)
+  out.push_back("__SSE4_2__");
+#endif
+#if defined(__ARM_FEATURE_SVE)
+  out.push_back("__ARM_FEATURE_SVE");
+#endif
+#if defined(__ARM_NEON)
+  out.push_back("__ARM_NEON");
+#endif
+  return out;
+}
+
+// One word for the widest vector unit the kernels use.
+std::string vector_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2-fma";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__AVX__)
+  return "avx";
+#elif defined(__ARM_FEATURE_SVE)
+  return "sve";
+#elif defined(__ARM_NEON)
+  return "neon";
+#elif defined(__SSE2__)
+  return "sse2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+// The ops live in torch.ops.cellkern_cpu; the module records what it was built for.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("MARCH") = std::string(CELLKERN_MARCH_NAME);  // the -march of the build (setup.py: CELLKERN_MARCH)
+  m.attr("VECTOR_ISA") = vector_isa();            // "avx512", "avx2-fma", "neon", ...
+  m.attr("ISA_MACROS") = pybind11::cast(isa_macros());
+}

@@ -17,6 +17,7 @@
 // so Δw = c0 + c1·w with the (c0, c1) that synapse_terms accumulates.
 #pragma once
 
+#include "contract.h"
 #include "stencil.h"
 
 namespace cellkern {
@@ -32,30 +33,28 @@ struct PlasticityParams {
   double w_min, w_max;
 };
 
-/// The op schemas pass the parameters as 5 flags and 13 scalars, in this order
-/// (cellkern/backends/cpu.py and cuda.py build the lists).
-constexpr int kParamFlags = 5, kParamScalars = 13;
-
+/// The op schemas pass the parameters as kParamFlags flags and kParamScalars
+/// scalars, in the order of csrc/contract.h (cellkern/contract.py builds the lists).
 inline PlasticityParams unpack_params(const bool* f, const double* v) {
   PlasticityParams P;
-  P.stdp = f[0];
-  P.multiplicative = f[1];
-  P.bcm = f[2];
-  P.competition = f[3];
-  P.normalize = f[4];
-  P.a_plus = v[0];
-  P.a_minus = v[1];
-  P.decay_pre = v[2];
-  P.decay_post = v[3];
-  P.bcm_lr = v[4];
-  P.bcm_decay = v[5];
-  P.tau_theta = v[6];
-  P.theta_min = v[7];
-  P.theta_max = v[8];
-  P.beta = v[9];
-  P.threshold = v[10];
-  P.w_min = v[11];
-  P.w_max = v[12];
+  P.stdp = f[kFlagStdp];
+  P.multiplicative = f[kFlagMultiplicative];
+  P.bcm = f[kFlagBcm];
+  P.competition = f[kFlagCompetition];
+  P.normalize = f[kFlagNormalize];
+  P.a_plus = v[kScalarAPlus];
+  P.a_minus = v[kScalarAMinus];
+  P.decay_pre = v[kScalarDecayPre];
+  P.decay_post = v[kScalarDecayPost];
+  P.bcm_lr = v[kScalarBcmLr];
+  P.bcm_decay = v[kScalarBcmDecay];
+  P.tau_theta = v[kScalarTauTheta];
+  P.theta_min = v[kScalarThetaMin];
+  P.theta_max = v[kScalarThetaMax];
+  P.beta = v[kScalarBeta];
+  P.threshold = v[kScalarThreshold];
+  P.w_min = v[kScalarWMin];
+  P.w_max = v[kScalarWMax];
   return P;
 }
 

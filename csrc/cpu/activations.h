@@ -9,10 +9,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../contract.h"
+
 namespace cellkern {
 namespace cpu {
 
-enum Act : int64_t { kIdentity = 0, kTanh = 1, kRelu = 2, kSigmoid = 3 };
+// The activation codes (enum Act: kIdentity, kTanh, kRelu, kSigmoid) are
+// cellkern's, from csrc/contract.h.
 
 // ---- activations (float: a vectorisable rational tanh; double: libm) ----
 

@@ -10,7 +10,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -208,6 +208,10 @@ inline T from_acc(A a) {
   }
 }
 
+// Unsigned 32-bit and 16-bit integer vectors with the 16 lanes of Simd<float>.
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16x16 __attribute__((vector_size(32), aligned(2)));
+
 // Loads / stores of V (a SIMD vector of A, or A itself) from T, converting.
 template <typename V, typename A, typename T>
 inline V ld(const T* p) {
@@ -215,12 +219,31 @@ inline V ld(const T* p) {
     return to_acc<A>(*p);
   } else if constexpr (std::is_same_v<T, A>) {
     return load<V>(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float> && sizeof(V) == 64) {
+    // bf16 → fp32 is a 16-bit shift: a few vector instructions on any ISA
+    // (the per-lane form cost ~70 s of compile time in the unrolled sweeps)
+    U16x16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
+    V v;
+    std::memcpy(&v, &u, sizeof(V));
+    return v;
   }
 #if defined(__AVX512F__)
   else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
     const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     V v;
     std::memcpy(&v, &f, sizeof(V));
+    return v;
+  }
+#elif defined(__F16C__) && defined(__AVX__)
+  else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    // AVX2 machines: two 8-lane conversions per 16-float vector
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    V v;
+    std::memcpy(&v, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
     return v;
   }
 #endif
@@ -237,12 +260,28 @@ inline void st(T* p, const V& v) {
     *p = from_acc<T>(static_cast<A>(v));
   } else if constexpr (std::is_same_v<T, A>) {
     store(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float> && sizeof(V) == 64) {
+    // from_acc's rounding (to nearest even, NaN stays NaN), on all lanes at once
+    U32x16 u;
+    std::memcpy(&u, &v, sizeof(V));
+    const auto nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const U32x16 r = nan ? ((u >> 16) | 0x40u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    const U16x16 h = __builtin_convertvector(r, U16x16);
+    std::memcpy(p, &h, sizeof(h));
   }
 #if defined(__AVX512F__)
   else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
     __m512 f;
     std::memcpy(&f, &v, sizeof(V));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+  }
+#elif defined(__F16C__) && defined(__AVX__)
+  else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
+    __m256 lo, hi;
+    std::memcpy(&lo, &v, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
   }
 #endif
   else {
@@ -261,6 +300,17 @@ inline V vabs(V v) {
   if constexpr (std::is_same_v<V, typename Simd<float>::type>) {
     return reinterpret_cast<V>(_mm512_abs_ps(reinterpret_cast<__m512>(v)));
   }
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<V, typename Simd<float>::type>) {
+    // AVX2 machines: the sign bit cleared, per 8-lane half
+    const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 h[2];
+    std::memcpy(h, &v, sizeof(V));
+    h[0] = _mm256_and_ps(h[0], mask);
+    h[1] = _mm256_and_ps(h[1], mask);
+    std::memcpy(&v, h, sizeof(V));
+    return v;
+  }
 #endif
   return v < 0 ? -v : v;
 }
@@ -272,6 +322,17 @@ inline V vclamp(V v, V lo, V hi) {
     // v as the second operand of each: a NaN v comes through, as in torch.clamp
     return reinterpret_cast<V>(_mm512_max_ps(reinterpret_cast<__m512>(lo),
                                              _mm512_min_ps(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(v))));
+  }
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<V, typename Simd<float>::type>) {
+    // AVX2 machines: the same max(lo, min(hi, v)) per 8-lane half (NaN v comes through)
+    __m256 h[2], l[2], u[2];
+    std::memcpy(h, &v, sizeof(V));
+    std::memcpy(l, &lo, sizeof(V));
+    std::memcpy(u, &hi, sizeof(V));
+    for (int i = 0; i < 2; ++i) h[i] = _mm256_max_ps(l[i], _mm256_min_ps(u[i], h[i]));
+    std::memcpy(&v, h, sizeof(V));
+    return v;
   }
 #endif
   return clamp_weight(v, lo, hi);
@@ -404,12 +465,14 @@ inline void sweep_cells_fixed(const SweepRow<A, w_t>& S, int64_t x) {
   }
 }
 
-// A whole row: SIMD vectors of cells, then the remaining cells one by one.
+// The cells [x0, x1) of a row: SIMD vectors of cells, then the remaining
+// cells one by one. Not inlined: sweep_row_any calls it up to three times a
+// row, and one copy of each flag combination is what the compile time allows.
 template <bool MULT, bool NORM, bool LIVE, bool ACC, typename A, typename w_t>
-void sweep_row(const SweepRow<A, w_t>& S) {
+__attribute__((noinline)) void sweep_row(const SweepRow<A, w_t>& S, int64_t x0, int64_t x1) {
   using V = typename Simd<A>::type;
   constexpr int64_t L = sizeof(V) / sizeof(A);
-  int64_t x = 0;
+  int64_t x = x0;
   // fp16/bf16 weights with fp64 state run cell by cell (a rare pairing, and
   // GCC 12's SLP vectoriser crashes on its vector form)
   constexpr bool vector = !(std::is_same_v<A, double> && sizeof(w_t) == 2);
@@ -417,12 +480,12 @@ void sweep_row(const SweepRow<A, w_t>& S) {
     constexpr int kMoore = 26;
     const bool fixed = S.K == kMoore && std::none_of(S.w, S.w + S.K, [](const w_t* p) { return p == nullptr; });
     if (fixed) {
-      for (; x + L <= S.W; x += L) sweep_cells_fixed<kMoore, MULT, NORM, LIVE, ACC, V>(S, x);
+      for (; x + L <= x1; x += L) sweep_cells_fixed<kMoore, MULT, NORM, LIVE, ACC, V>(S, x);
     } else {
-      for (; x + L <= S.W; x += L) sweep_cells<MULT, NORM, LIVE, ACC, V>(S, x);
+      for (; x + L <= x1; x += L) sweep_cells<MULT, NORM, LIVE, ACC, V>(S, x);
     }
   }
-  for (; x < S.W; ++x) sweep_cells<MULT, NORM, LIVE, ACC, A>(S, x);
+  for (; x < x1; ++x) sweep_cells<MULT, NORM, LIVE, ACC, A>(S, x);
 }
 
 // f(std::bool_constant<a>, ...) for four run-time flags.
@@ -439,6 +502,87 @@ inline void with_flags(bool a, bool b, bool c, bool d, F&& f) {
     pick(b, [&](auto B_) { pick(c, [&](auto C_) { pick(d, [&](auto D_) { f(A_, B_, C_, D_); }); }); });
   });
 }
+
+// A whole row with the sweep compiled for the flags. With LIVE, the cells
+// [live_lo, live_hi) have every synapse live (a zero x boundary without a
+// mask: all but the reach_x cells at each end): the whole SIMD vectors in
+// there run the sweep without the liveness test, the row's ends with it.
+template <typename A, typename w_t>
+void sweep_row_any(bool mult, bool norm, bool live, bool acc, const SweepRow<A, w_t>& S, int64_t live_lo,
+                   int64_t live_hi) {
+  constexpr int64_t L = sizeof(typename Simd<A>::type) / sizeof(A);
+  int64_t a = 0, b = 0;  // the whole vectors inside [live_lo, live_hi)
+  if (live) {
+    a = std::min(S.W, (live_lo + L - 1) / L * L);
+    b = live_hi > a ? a + (live_hi - a) / L * L : a;
+  }
+  with_flags(mult, norm, acc, false, [&](auto M, auto N, auto C, auto) {
+    constexpr bool m_ = decltype(M)::value, n_ = decltype(N)::value, c_ = decltype(C)::value;
+    if (!live) {
+      sweep_row<m_, n_, false, c_>(S, 0, S.W);
+    } else if (b > a) {
+      sweep_row<m_, n_, true, c_>(S, 0, a);
+      sweep_row<m_, n_, false, c_>(S, a, b);
+      sweep_row<m_, n_, true, c_>(S, b, S.W);
+    } else {
+      sweep_row<m_, n_, true, c_>(S, 0, S.W);
+    }
+  });
+}
+
+// accumulate_row for run-time flags.
+template <typename A>
+inline void accumulate_row_any(bool mult, bool first, int64_t W, A w_min, A w_max, const A* p, const A* q,
+                               const A* r, const A* xn, const A* zn, const A* yn, A* acc0, A* acc1) {
+  if (mult) {
+    if (first) {
+      accumulate_row<true, true>(W, w_min, w_max, p, q, r, xn, zn, yn, acc0, acc1);
+    } else {
+      accumulate_row<true, false>(W, w_min, w_max, p, q, r, xn, zn, yn, acc0, acc1);
+    }
+  } else if (first) {
+    accumulate_row<false, true>(W, w_min, w_max, p, q, r, xn, zn, yn, acc0, acc1);
+  } else {
+    accumulate_row<false, false>(W, w_min, w_max, p, q, r, xn, zn, yn, acc0, acc1);
+  }
+}
+
+constexpr int64_t kPrefetchRows = 2;  // rows ahead (w in sweep_row, the fields in prefetch_fields)
+
+// Into L2: the W cells of a row of a field.
+template <typename A>
+inline void prefetch_row(const A* p, int64_t W) {
+  for (int64_t x = 0; x < W; x += int64_t(64 / sizeof(A))) __builtin_prefetch(p + x, 0, 2);
+}
+
+// Into L2: the neighbour rows of `row` (built into nb) that the padded-row
+// caches will not hold yet — those one y further (dy > 0) — of B samples of
+// a field. They are short streams in several planes that the hardware
+// prefetchers pick up late.
+template <typename A>
+inline void prefetch_new_rows(const Lattice& L, const RowNeighbours& nb, const A* field, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (size_t s = 0; s < nb.rows.size(); ++s) {
+      if (nb.rows[s] >= 0 && nb.shift_dy[s] > 0) prefetch_row(field + b * L.N + nb.rows[s] * L.W, L.W);
+    }
+  }
+}
+
+// The per-cell inputs of the fused step, all in the accumulation type A;
+// x_post and θ are updated in place by the row that owns the cell.
+template <typename A>
+struct CellFields {
+  int64_t B;
+  const A *y, *spikes, *x_pre;
+  A *x_post, *theta;
+  const A *gate, *lr;
+};
+
+/// The fused step's sweep over w (plasticity_pass.h); instantiated for the
+/// (w_t, A) pairs of plasticity.cpp in the plasticity_*.cpp files, so that
+/// they compile in parallel.
+template <typename w_t, typename A>
+void plasticity_pass(const Lattice& L, const PlasticityParams P, w_t* w, const bool* m, const CellFields<A> F);
 
 }  // namespace cpu
 }  // namespace cellkern

@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward(const at::Tensor& s, const 
                                                      double leak, int64_t act, bool save_u, int64_t stream) {
   const Lattice L = state_lattice(s, offsets, periodic);
   check_cuda(w, "w", s);
-  TORCH_CHECK(act >= 0 && act <= 3, "cellkern_cuda: act must be 0..3, got ", act);
+  TORCH_CHECK(act >= 0 && act < kActCount, "cellkern_cuda: act must be 0..", kActCount - 1, ", got ", act);
   const at::Tensor tx = opt(x), tb = opt(bias);
   if (tx.defined()) check_cuda(tx, "x", s);
   if (tb.defined()) check_cuda(tb, "bias", s);
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
   check_cuda(g, "g", s);
   check_cuda(w, "w", s);
   check_cuda(u, "u", s);
-  TORCH_CHECK(act >= 0 && act <= 3, "cellkern_cuda: act must be 0..3, got ", act);
+  TORCH_CHECK(act >= 0 && act < kActCount, "cellkern_cuda: act must be 0..", kActCount - 1, ", got ", act);
   TORCH_CHECK(u.scalar_type() == acc_of(s.scalar_type()), "cellkern_cuda: u must be ", acc_of(s.scalar_type()),
               " for ", s.scalar_type(), " inputs, got ", u.scalar_type());
   const Dtype t = dtype_of(s);
@@ -244,7 +244,7 @@ at::Tensor local_winners(const at::Tensor& y, double threshold, const at::Tensor
 
 PlasticityParams params_of(const c10::List<bool>& flags, at::ArrayRef<double> scalars) {
   TORCH_CHECK(flags.size() == kParamFlags && scalars.size() == kParamScalars,
-              "cellkern_cuda: plasticity_ takes 5 flags and 13 scalars");
+              "cellkern_cuda: plasticity_ takes ", kParamFlags, " flags and ", kParamScalars, " scalars");
   bool f[kParamFlags];
   for (int i = 0; i < kParamFlags; ++i) f[i] = flags.get(i);
   return unpack_params(f, scalars.data());

@@ -253,14 +253,14 @@ __device__ __forceinline__ auto with_nbr(const Lattice& L, const Interior& I, co
   return f([&](int k, bool* on) { return interior_nbr(L, c.i, c.x, I.d[k], on); });
 }
 
-/// φ(u) and φ'(u) for the activation codes 0 identity, 1 tanh, 2 relu, 3 sigmoid
+/// φ(u) and φ'(u) for the activation codes of csrc/contract.h (enum Act)
 /// (a warp-uniform switch). relu'(0) = 0 as in torch; NaN passes relu as in torch.
 template <typename A>
 __device__ __forceinline__ A act_fn(int act, A u) {
   switch (act) {
-    case 1: return tanh(u);
-    case 2: return u < A(0) ? A(0) : u;
-    case 3: return A(1) / (A(1) + exp(-u));
+    case kTanh: return tanh(u);
+    case kRelu: return u < A(0) ? A(0) : u;
+    case kSigmoid: return A(1) / (A(1) + exp(-u));
     default: return u;
   }
 }
@@ -268,12 +268,12 @@ __device__ __forceinline__ A act_fn(int act, A u) {
 template <typename A>
 __device__ __forceinline__ A act_grad(int act, A u) {
   switch (act) {
-    case 1: {
+    case kTanh: {
       const A t = tanh(u);
       return A(1) - t * t;
     }
-    case 2: return u > A(0) ? A(1) : A(0);
-    case 3: {
+    case kRelu: return u > A(0) ? A(1) : A(0);
+    case kSigmoid: {
       const A sg = A(1) / (A(1) + exp(-u));
       return sg * (A(1) - sg);
     }

@@ -1,0 +1,11 @@
+// plasticity_pass instantiated for fp16 weights, fp32 arithmetic
+// (one file per dtype pair group: the groups compile in parallel).
+#include "plasticity_pass.h"
+
+namespace cellkern {
+namespace cpu {
+
+CELLKERN_PLASTICITY_PASS(c10::Half, float);
+
+}  // namespace cpu
+}  // namespace cellkern
