@@ -59,6 +59,8 @@ bench: setup
 	$(PY) -m benchmarks.propagate
 	$(PY) -m benchmarks.plasticity
 	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.mixing
+	$(PY) -m benchmarks.percall
 
 gpu-check: setup
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \

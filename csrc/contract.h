@@ -11,10 +11,12 @@ namespace cellkern {
 
 /// The activation codes of the propagate family
 /// (cellkern.contract.ACTIVATION_CODES).
-enum Act : int64_t { kIdentity = 0, kTanh = 1, kRelu = 2, kSigmoid = 3 };
+/// kTriangle (relu(u[o] − mean_c u[c]) over a cell's channels) is taken by the
+/// mixing-form kernels only; the shared form's kernels take kIdentity..kSigmoid.
+enum Act : int64_t { kIdentity = 0, kTanh = 1, kRelu = 2, kSigmoid = 3, kTriangle = 4 };
 
 /// The number of activation codes (0 .. kActCount - 1).
-constexpr int64_t kActCount = 4;
+constexpr int64_t kActCount = 5;
 
 /// The order of the flags of cellkern::plasticity_
 /// (cellkern.contract.PARAM_FLAGS).
@@ -49,6 +51,6 @@ constexpr int kParamFlags = 5, kParamScalars = 13;
 
 static_assert(kFlagNormalize + 1 == kParamFlags, "contract.h: a flag without its index, or a gap");
 static_assert(kScalarWMax + 1 == kParamScalars, "contract.h: a scalar without its index, or a gap");
-static_assert(kSigmoid + 1 == kActCount, "contract.h: an activation without its code, or a gap");
+static_assert(kTriangle + 1 == kActCount, "contract.h: an activation without its code, or a gap");
 
 }  // namespace cellkern

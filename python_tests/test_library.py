@@ -140,3 +140,23 @@ def test_plasticity_op_mutates_what_it_declares():
     assert all(not torch.equal(a, b) for a, b in zip(before, (w, st.x_pre, st.theta)))
     assert [n.name for n in library.plasticity_op._opoverload._schema.arguments if n.alias_info and n.alias_info.is_write] \
         == ["w", "x_pre", "x_post", "theta"]
+
+
+def test_eager_calls_skip_the_custom_op_layer_only_where_it_changes_nothing():
+    """No-grad eager calls on plain tensors run the backend kernel itself (issue 19's per-call cost);
+    the same values as the custom op; fake tensors and traced calls still go through the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(3)
+    s, w = torch.randn(2, 3, 4, 5, 6, generator=g), 0.1 * torch.rand(26, 4, 5, 6, generator=g)
+    with torch.no_grad():
+        direct = ck.ops.propagate(s, w, boundary=BOUNDARY)
+        via_op = library.propagate_op(s, w, None, None, None, *_geom().op_args, 1.0, "tanh",
+                                      ck.backends.select(None, s.device, "t")[0], False)[0]
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    assert library.eager_direct(s, w, None)
+    with FakeTensorMode() as mode:
+        fs, fw = mode.from_tensor(s), mode.from_tensor(w)
+        assert not library.eager_direct(fs, fw)
+        out = ck.ops.propagate(fs, fw, boundary=BOUNDARY)
+    assert tuple(out.shape) == tuple(s.shape)

@@ -219,3 +219,58 @@ def test_feedforward_connectivity_masks_every_offset_but_the_layer_below():
     t = run_stages(tiny_config({"sparse_keep": 1.0, "clustering_enabled": False}, connectivity="feedforward"))
     dz = torch.tensor([o[0] for o in ck.stencil("moore").offset_tuples])
     assert t.mask is not None and not t.mask[dz != -1].any() and t.mask[dz == -1][:, 1:].all()
+
+
+def _mixing_config(**changes):
+    from cellkern.train.config import default_config
+
+    cfg = default_config()
+    cfg.stages = [dataclasses.replace(cfg.stages[0], steps=8), dataclasses.replace(cfg.stages[0], name="learning",
+                                                                                   plasticity_profile="learning", steps=8)]
+    cfg.eval_samples, cfg.batch, cfg.monitor_every = 40, 8, 4
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg.validate()
+
+
+def test_the_mixing_model_learns_by_the_competitive_hebbian_rule(monkeypatch):
+    """model = "mixing": (K, C, C, D, H, W) signed weights, the Hebbian step once per presentation, β moves."""
+    calls = []
+    orig = ck.ops.competitive_hebbian_step_
+    monkeypatch.setattr(ck.ops, "competitive_hebbian_step_", lambda *a, **k: calls.append(k) or orig(*a, **k))
+    t = run_stages(_mixing_config())
+    K = ck.stencil("radius(3)").K
+    assert t.w.shape == (K, 8, 8, 2, 8, 8) and float(t.w.min()) < 0 < float(t.w.max())
+    assert len(calls) == 8 and calls[0]["eta"] == 0.05 and calls[4]["eta"] == 0.025  # discovery, then learning × 0.5
+    assert not torch.equal(t.w, t.w_initial) and t.beta.shape == (8, 2, 8, 8)
+    dz = torch.tensor([o[0] for o in ck.stencil("radius(3)").offset_tuples])
+    assert int(t.mask[:, 1].any(dim=(1, 2))[dz == -1].sum()) == 25 and not t.mask[dz != -1].any()
+    for r in t.records:
+        assert r["max_abs_feature"] >= 0.05 and r["reach_step"] == 2
+
+
+@pytest.mark.parametrize("field, value", [("init_gain", 0.5), ("hebbian.eta", 0.2), ("hebbian.tau", 0.1),
+                                          ("hebbian.eta_beta", 0.1), ("hebbian.average", "batch")])
+def test_every_mixing_field_changes_the_weights(field, value):
+    base = run_stages(_mixing_config())
+    cfg = _mixing_config()
+    if field.startswith("hebbian."):
+        setattr(cfg.hebbian, field.split(".")[1], value)
+    else:
+        setattr(cfg, field, value)
+    other = run_stages(cfg.validate())
+    assert not torch.equal(base.w, other.w), field
+
+
+def test_mixing_config_errors_and_old_files_stay_shared(tmp_path):
+    from cellkern.train.config import config_from_dict
+
+    assert config_from_dict({}).model == "shared"
+    with pytest.raises(ValueError, match="clustering_enabled coordinates the shared model"):
+        c = _mixing_config()
+        c.stages[0].clustering_enabled = True
+        c.validate()
+    with pytest.raises(ValueError, match="set amplification = 0"):
+        _mixing_config(amplification=0.5)
+    with pytest.raises(ValueError, match="model must be one of shared, mixing"):
+        _mixing_config(model="deep")

@@ -42,8 +42,21 @@ from ..contract import accumulation_dtype, params_from_args
 from ..stencil import geometry_from_args
 from . import forms
 
-__all__ = ["aggregate_op", "propagate_op", "plasticity_op", "normalize_op", "lateral_inhibition_op",
+__all__ = ["eager_direct", "aggregate_op", "propagate_op", "plasticity_op", "normalize_op", "lateral_inhibition_op",
            "local_winners_op", "mixing_aggregate_op", "mixing_propagate_op", "competitive_hebbian_op"]
+
+
+def eager_direct(*tensors) -> bool:
+    """True where a call may skip the custom-op layer and run the backend kernel
+    itself: eager (not traced or compiled), no torch function or dispatch mode
+    active (fake tensors, functionalisation, profilers that trace ops), and only
+    plain tensors. The result is the same kernel on the same checked inputs; on
+    small lattices the custom-op layer costs more than the kernel (issue 19).
+    Calls that need autograd always go through the custom op."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
 
 
 def _backend(name: str, device: torch.device, op: str):

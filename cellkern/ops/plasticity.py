@@ -143,10 +143,15 @@ def update_in_place(wf: WeightsForm, geom, seed_step, kernel, be=None):
 
 
 def _run(be, wf, geom, p, seed_step, y=None, spikes=None, x_pre=None, x_post=None, theta=None, gate=None, lr=None):
+    def kernel(w_, m_):
+        if library.eager_direct(w_, m_, y, spikes, xp_, xq_, th_, gate, lr):
+            be.plasticity_(w_, m_, geom, p, y, spikes, xp_, xq_, th_, gate, lr)
+        else:
+            library.plasticity_op(w_, m_, *geom.op_args, *params_args(p), y, spikes, xp_, xq_, th_, gate, lr,
+                                  backends.name_of(be))
+
     with _InPlace(x_pre, x_post, theta) as (xp_, xq_, th_):
-        update_in_place(wf, geom, seed_step,
-                lambda w_, m_: library.plasticity_op(w_, m_, *geom.op_args, *params_args(p), y, spikes, xp_, xq_, th_,
-                                               gate, lr, backends.name_of(be)), be)
+        update_in_place(wf, geom, seed_step, kernel, be)
     return wf.w
 
 

@@ -110,6 +110,9 @@ def _step(s, w, mask, idx, x, bias, geom, leak, activation, be):
     if idx is not None:
         return forms.PropagateEll.apply(s, w, idx, x, bias, geom, leak, activation, mod)
     save_u = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (s, w, x, bias))
+    if not save_u and library.eager_direct(s, w, mask, x, bias):
+        kernel = mod.mixing_propagate_forward if w.dim() == 6 else mod.propagate_forward
+        return kernel(s, forms.weights_for(mod, w, s.dtype), mask, x, bias, geom, leak, activation, False)[0]
     op = library.mixing_propagate_op if w.dim() == 6 else library.propagate_op
     return op(s, w, mask, x, bias, *geom.op_args, leak, activation, name, save_u)[0]
 

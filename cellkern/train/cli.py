@@ -23,14 +23,14 @@ def info() -> None:
 
 
 def _config(path):
-    from .config import ScheduleConfig, load_config
+    from .config import default_config, load_config
 
-    return load_config(path) if path else ScheduleConfig().validate()
+    return load_config(path) if path else default_config()
 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="schedule file (.toml/.yaml); default: the built-in schedule of SPEC §8")
+              help="schedule file (.toml/.yaml); default: the built-in run (train.config.default_config: the mixing model on digits)")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="folder for the config copy, checkpoints, report.json and plots")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,

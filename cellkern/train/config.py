@@ -37,7 +37,7 @@ from ..stencil import NAMED_STENCILS
 from ..stencil import stencil as make_stencil
 from .monitor import FEATURES
 
-__all__ = ["StageConfig", "RuleConfig", "ScheduleConfig", "ConfigTypeError", "load_config", "save_config",
+__all__ = ["StageConfig", "RuleConfig", "HebbianConfig", "ScheduleConfig", "ConfigTypeError", "default_config", "load_config", "save_config",
            "config_from_dict"]
 
 #: the largest dim along an axis (int32 indices) and the most cells of a lattice:
@@ -613,3 +613,27 @@ def save_config(config: ScheduleConfig, path) -> pathlib.Path:
         lines += ["", "[[stages]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def default_config() -> ScheduleConfig:
+    """The built-in run (``cellkern run`` without ``--config``, ``make demo``): the
+    mixing model with the settings that ``python -m benchmarks.quality`` shows to
+    learn on the embedded digits (``benchmarks/results/quality-search.md``).
+
+    A 2 × 8 × 8 lattice at the digits' native resolution, 8 channels per cell;
+    each cell of the output layer reads the 5 × 5 window of the input layer
+    below it (``radius(3)`` with feed-forward connectivity: the 25 offsets with
+    dz = −1), ``triangle`` activation, a presentation of 2 steps with α = 1; the
+    competitive Hebbian rule (τ = 1, η = 0.05, updates averaged over each
+    unit's soft wins) once per presentation, two epochs of the training images
+    (the ``digits`` preset of ``benchmarks.quality``), then a frozen stage
+    that only reads; the readout reads the output face.
+    """
+    stages = [
+        StageConfig("discovery", (2, 8, 8), 168, "discovery", clustering_enabled=False, sparse_keep=1.0),
+        StageConfig("freeze", (2, 8, 8), 20, "freeze", clustering_enabled=False, sparse_keep=1.0),
+    ]
+    return ScheduleConfig(stages=stages, model="mixing", stencil="radius(3)", connectivity="feedforward",
+                          channels=8, activation="triangle", features="face", init_gain=1.0, batch=32,
+                          present_steps=2, leak=1.0, input_gain=1.0, amplification=0.0, monitor_every=20,
+                          hebbian=HebbianConfig(eta=0.05, tau=1.0, eta_beta=0.0, average="wins")).validate()

@@ -51,7 +51,6 @@ namespace {
 
 using namespace mixing;
 
-constexpr int64_t kTriangle = 4;  // cellkern/contract.py ACTIVATION_CODES["triangle"]
 
 // exp(x) for x ≤ 0 (softmax arguments after the max is taken): Cephes' expf,
 // branch-free so that `omp simd` loops vectorise it (a few ulp).

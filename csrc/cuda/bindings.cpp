@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward(const at::Tensor& s, const 
                                                      double leak, int64_t act, bool save_u, int64_t stream) {
   const Lattice L = state_lattice(s, offsets, periodic);
   check_cuda(w, "w", s);
-  TORCH_CHECK(act >= 0 && act < kActCount, "cellkern_cuda: act must be 0..", kActCount - 1, ", got ", act);
+  TORCH_CHECK(act >= 0 && act <= kSigmoid, "cellkern_cuda: act must be 0..", int64_t(kSigmoid), ", got ", act);
   const at::Tensor tx = opt(x), tb = opt(bias);
   if (tx.defined()) check_cuda(tx, "x", s);
   if (tb.defined()) check_cuda(tb, "bias", s);
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_backward(
   check_cuda(g, "g", s);
   check_cuda(w, "w", s);
   check_cuda(u, "u", s);
-  TORCH_CHECK(act >= 0 && act < kActCount, "cellkern_cuda: act must be 0..", kActCount - 1, ", got ", act);
+  TORCH_CHECK(act >= 0 && act <= kSigmoid, "cellkern_cuda: act must be 0..", int64_t(kSigmoid), ", got ", act);
   TORCH_CHECK(u.scalar_type() == acc_of(s.scalar_type()), "cellkern_cuda: u must be ", acc_of(s.scalar_type()),
               " for ", s.scalar_type(), " inputs, got ", u.scalar_type());
   const Dtype t = dtype_of(s);
