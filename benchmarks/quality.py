@@ -36,7 +36,10 @@ Data: ``digits`` (scikit-learn's bundled 8×8 digits, /16); ``digits-hard`` (the
 each rotated by U(−30°, 30°), shifted by an integer in {−1, 0, 1}² and laid over an 8×8
 patch of one of scikit-learn's two bundled photographs (grey, 4× downsampled, scaled to
 [0, 0.5]), clipped to [0, 1]; fixed generator seed 0 — a harder set made from files that
-ship with the installed packages); or an IDX image file (``*-images-idx3-ubyte[.gz]``,
+ship with the installed packages); ``textures`` (10 classes of 180 8×8 patches, each class a
+48×48 window of one of the three bundled photographs — scikit-learn's two and matplotlib's
+``grace_hopper.jpg`` — grey, 2× downsampled, each patch scaled to [0, 1] on its own range, so
+classes differ by texture, not brightness; windows and patches from generator seed 0); or an IDX image file (``*-images-idx3-ubyte[.gz]``,
 labels beside it with ``images`` → ``labels`` and ``idx3`` → ``idx1`` in the name, MNIST
 style), pixel/255.
 
@@ -224,6 +227,36 @@ def _digits_hard(X: np.ndarray) -> np.ndarray:
     return out
 
 
+def _textures() -> tuple:
+    import matplotlib
+    from matplotlib.image import imread
+    from sklearn.datasets import load_sample_images
+
+    ims = list(load_sample_images().images)
+    ims.append(imread(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")))
+    greys = []
+    for im in ims:
+        g = im.astype(np.float64).mean(2)
+        g = g[: g.shape[0] // 2 * 2, : g.shape[1] // 2 * 2].reshape(g.shape[0] // 2, 2, g.shape[1] // 2, 2).mean((1, 3))
+        greys.append(g / 255.0)
+    rng = np.random.default_rng(0)
+    windows = []
+    for gi, g in enumerate(greys):
+        for y0 in range(0, g.shape[0] - 48 + 1, 48):
+            for x0 in range(0, g.shape[1] - 48 + 1, 48):
+                windows.append((gi, y0, x0))
+    windows = [windows[i] for i in rng.permutation(len(windows))[:10]]
+    X, y = [], []
+    for c, (gi, y0, x0) in enumerate(windows):
+        reg = greys[gi][y0:y0 + 48, x0:x0 + 48]
+        for _ in range(180):
+            py, px = rng.integers(0, 41, size=2)
+            p = reg[py:py + 8, px:px + 8]
+            X.append((p - p.min()) / max(p.max() - p.min(), 1e-6))
+            y.append(c)
+    return np.stack(X), np.asarray(y, dtype=np.int64)
+
+
 def load_data(name: str, limit: int | None = None):
     """``(X (n, H, W) float32 in [0, 1], y (n,) int, tag)``."""
     if name in ("digits", "digits-hard"):
@@ -234,6 +267,9 @@ def load_data(name: str, limit: int | None = None):
         if name == "digits-hard":
             X = _digits_hard(X)
         y = d.target.astype(np.int64)
+        tag = name
+    elif name == "textures":
+        X, y = _textures()
         tag = name
     else:
         X = _read_idx(name)
