@@ -1,6 +1,7 @@
 """Quality benchmark: does local plasticity make better features? (SPEC §12, fair comparison)
 
-    python -m benchmarks.quality                              # digits, both regimes, 5 seeds
+    python -m benchmarks.quality                              # digits, both regimes, 5 seeds, preset best
+    python -m benchmarks.quality --preset B                   # the research note's configuration B
     python -m benchmarks.quality --labels 300 --seeds 10
     python -m benchmarks.quality --data digits-hard           # the harder offline set (below)
     python -m benchmarks.quality --data path/train-images-idx3-ubyte.gz --limit 3000
@@ -403,20 +404,28 @@ def unit_diagnostics(W: torch.Tensor, W0: torch.Tensor, live: torch.Tensor) -> d
     return {"dW_rel": d, "unit_cosine": cos, "unit_norm_mean": norms.mean().item()}
 
 
-def run_seed(X: np.ndarray, y: np.ndarray, cfg: QualityConfig, seed: int, labels, mode: str) -> dict:
+def run_seed(X: np.ndarray, y: np.ndarray, cfg: QualityConfig, seed: int, labels, mode: str,
+             cache: dict | None = None) -> dict:
+    """One seed of the comparison. ``cache`` (a dict) keeps the trained lattice of ``(seed, mode)``
+    so that the two regimes, whose plasticity sees the same images, train it once."""
     t0 = time.time()
     plastic_idx, lab, ev = split(y, seed, labels, mode)
     Xt = torch.from_numpy(X)
     H, W = X.shape[1:]
-    gen = torch.Generator().manual_seed(seed)
-    st = resolve_stencil(cfg.lattice.stencil)
-    periodic = tuple(b == "periodic" for b in parse_boundary(cfg.lattice.boundary))
-    live = in_lattice_mask((cfg.lattice.D, H, W), st, periodic)
-    W0 = init_weights(st.K, cfg.lattice.C, (cfg.lattice.D, H, W), cfg.lattice.gain, gen, live)
-    mean_img = Xt[plastic_idx].mean(0)
-    twin = MixingLattice(cfg.lattice, (H, W), W0, mean_img)
-    lat = MixingLattice(cfg.lattice, (H, W), W0, mean_img)
-    info = train_lattice(lat, Xt[plastic_idx], cfg.rule, gen)
+    if cache is not None and (seed, mode) in cache:
+        lat, twin, W0, live, mean_img, info = cache[(seed, mode)]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        st = resolve_stencil(cfg.lattice.stencil)
+        periodic = tuple(b == "periodic" for b in parse_boundary(cfg.lattice.boundary))
+        live = in_lattice_mask((cfg.lattice.D, H, W), st, periodic)
+        W0 = init_weights(st.K, cfg.lattice.C, (cfg.lattice.D, H, W), cfg.lattice.gain, gen, live)
+        mean_img = Xt[plastic_idx].mean(0)
+        twin = MixingLattice(cfg.lattice, (H, W), W0, mean_img)
+        lat = MixingLattice(cfg.lattice, (H, W), W0, mean_img)
+        info = train_lattice(lat, Xt[plastic_idx], cfg.rule, gen)
+        if cache is not None:
+            cache[(seed, mode)] = (lat, twin, W0, live, mean_img, info)
 
     rows = {}
     feats = {
@@ -468,10 +477,10 @@ def summarize(per_seed: list) -> dict:
     return out
 
 
-def evaluate(X, y, cfg: QualityConfig, seeds, labels, mode: str, log=None) -> dict:
+def evaluate(X, y, cfg: QualityConfig, seeds, labels, mode: str, log=None, cache: dict | None = None) -> dict:
     per_seed = []
     for s in seeds:
-        r = run_seed(X, y, cfg, s, labels, mode)
+        r = run_seed(X, y, cfg, s, labels, mode, cache)
         per_seed.append(r)
         if log:
             rr = r["rows"]
@@ -492,6 +501,15 @@ def fmt_row(name: str, row: dict) -> str:
     return f"{name:<20} {100 * row['mean']:6.2f}  [{100 * lo:6.2f}, {100 * hi:6.2f}]"
 
 
+#: Named starting points for ``--preset``; ``--config`` items apply on top. ``B`` is the research
+#: note's configuration B (the dataclass defaults); ``best`` is what the search of
+#: ``benchmarks/results/quality-search.md`` selected on validation (see there).
+PRESETS = {
+    "B": [],
+    "best": ["D=3", "features=slices", "eta_beta=0.05"],
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--labels", choices=["300", "all", "both"], default="both")
@@ -500,13 +518,15 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="digits", help="digits, digits-hard, or an IDX images file")
     ap.add_argument("--limit", type=int, default=None, help="stratified subsample of the data set first")
     ap.add_argument("--split", choices=["test", "val"], default="test")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="best",
+                    help="starting settings: 'best' (selected by the search) or 'B' (the research note's)")
     ap.add_argument("--config", nargs="*", default=[], help="key=value overrides or a .json config")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = QualityConfig.from_items(args.config)
+    cfg = QualityConfig.from_items(PRESETS[args.preset] + list(args.config))
     X, y, tag = load_data(args.data, args.limit)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     regimes = ["300", "all"] if args.labels == "both" else [args.labels]
@@ -514,15 +534,17 @@ def main(argv=None) -> int:
 
     machine = describe_machine(torch.device("cpu"))
     payload = {"suite": "quality", "data": tag, "n_images": int(len(X)), "image_hw": list(X.shape[1:]),
-               "split": args.split, "seeds": seeds, "config": cfg.as_dict(),
+               "split": args.split, "seeds": seeds, "preset": args.preset, "config_items": list(args.config),
+               "config": cfg.as_dict(),
                "readout": {"scaler": "StandardScaler", "classifier": "RidgeClassifierCV",
                            "alphas": ALPHAS.tolist(), "alpha_selection": "leave-one-out CV on the labelled training split"},
                "machine": machine, "regimes": {}}
     t0 = time.time()
+    cache: dict = {}
     for regime in regimes:
         labels = 300 if regime == "300" else "all"
         print(f"[{tag} {args.split} labels={regime}] seeds {seeds} config {cfg.as_dict()}", flush=True)
-        res = evaluate(X, y, cfg, seeds, labels, args.split, log=lambda m: print(m, flush=True))
+        res = evaluate(X, y, cfg, seeds, labels, args.split, log=lambda m: print(m, flush=True), cache=cache)
         payload["regimes"][regime] = {**res["summary"], "per_seed": res["per_seed"]}
         s = res["summary"]
         for name in ("trained", "twin", "raw_pixels", "random_features", "trained_minus_twin"):

@@ -207,9 +207,9 @@ class LatticeSpec:
         gain: weight init gain g (std ``g / sqrt(K·C)``).
         drive_gain: the drive is ``drive_gain · image`` in channel 0 of ``z = 0``.
         center: subtract the plasticity images' mean pixel image from every image first.
-        norm: ``"none"`` or ``"cell"``: after φ, every cell's channel vector of the slices ``z ≥ 1``
-            is divided by its mean over the batch-free quantity ``1e-6 + ‖s_cell‖`` × sqrt(C)
-            (depth with normalisation); the twin gets the same transfer.
+        norm: ``"none"`` or ``"cell"``: after φ, every cell's channel vector in the slices ``z ≥ 1``
+            is divided by ``1e-6 + ‖φ(·)_cell‖₂`` (depth with normalisation; not a SPEC §2 op —
+            a searched option, and the twin gets the same transfer).
         beta_in_forward: add the homeostatic thresholds β to the forward pass as a bias.
     """
 
@@ -272,7 +272,7 @@ class MixingLattice:
         new = self.act(a)
         if self.spec.norm == "cell":
             n = new[:, :, 1:].pow(2).sum(1, keepdim=True).sqrt()
-            new = torch.cat([new[:, :, :1], new[:, :, 1:] / (n + 1e-6) * math.sqrt(1.0)], dim=2)
+            new = torch.cat([new[:, :, :1], new[:, :, 1:] / (n + 1e-6)], dim=2)
         alpha = self.spec.leak
         return (1 - alpha) * s + alpha * new
 

@@ -132,3 +132,14 @@ def test_idx_round_trip(tmp_path):
     X, y, tag = Q.load_data(str(tmp_path / "toy-images-idx3-ubyte.gz"))
     np.testing.assert_allclose(X, imgs / 255.0, rtol=1e-6)
     assert y.tolist() == labs.tolist() and tag == "toy-images-idx3-ubyte"
+
+
+def test_regime_cache_reuses_the_same_trained_lattice():
+    X, y, _ = Q.load_data("digits")
+    cfg = Q.QualityConfig.from_items(["epochs=1"])
+    cache = {}
+    a = Q.run_seed(X, y, cfg, 2, 300, "val", cache)
+    b = Q.run_seed(X, y, cfg, 2, "all", "val", cache)
+    c = Q.run_seed(X, y, cfg, 2, "all", "val")
+    assert a["dW_rel"] == b["dW_rel"] == c["dW_rel"]
+    assert b["rows"]["trained"]["acc"] == c["rows"]["trained"]["acc"]
