@@ -44,7 +44,8 @@ classes differ by texture, not brightness; windows and patches from generator se
 labels beside it with ``images`` → ``labels`` and ``idx3`` → ``idx1`` in the name, MNIST
 style), pixel/255.
 
-Output: ``benchmarks/results/quality-<data>[-<regime>]-<device>-<date>.json`` with, per
+Output: ``benchmarks/results/quality-<data>[-<regime>]-<tag>-<device>-<date>.json`` (tag: the
+preset or ``--tag``) with, per
 regime, the rows ``trained``, ``twin``, ``raw_pixels``, ``random_features`` (``mean``,
 ``ci95`` = [low, high], ``values``, ``max_abs_feature``) and ``trained_minus_twin``
 (``mean``, ``ci95``, ``values``), the seeds, the full config and the machine.
@@ -521,6 +522,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="best",
                     help="starting settings: 'best' (selected by the search) or 'B' (the research note's)")
     ap.add_argument("--config", nargs="*", default=[], help="key=value overrides or a .json config")
+    ap.add_argument("--tag", default=None, help="names the settings in the results file (default: the preset)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
@@ -552,7 +554,9 @@ def main(argv=None) -> int:
             print(fmt_row(name, s[name]) + extra, flush=True)
     payload["seconds"] = round(time.time() - t0, 1)
     if not args.no_json:
-        suite = f"quality-{tag}" + (f"-{regimes[0]}" if len(regimes) == 1 else "") + ("-val" if args.split == "val" else "")
+        name = args.tag or args.preset
+        suite = (f"quality-{tag}" + (f"-{regimes[0]}" if len(regimes) == 1 else "") + f"-{name}"
+                 + ("-val" if args.split == "val" else ""))
         path = write_json(suite, payload, machine, Path(args.out) if args.out else RESULTS_DIR)
         print(f"wrote {path}")
     return 0
