@@ -8,7 +8,8 @@ A plan holds one trial a line: ``name | data | seeds | labels | key=value ...`` 
 :func:`benchmarks.quality.evaluate` in ``val`` mode (plasticity and readout on the training
 split minus a validation set, scored on that validation set; the test split is never
 touched), appends one JSON line, and skips trials already in the JSONL (same name, data,
-seeds, labels, config). ``--table`` writes ``benchmarks/results/quality-search.md``.
+seeds, labels, config). ``--table`` writes ``benchmarks/results/quality-search.md`` (with the
+findings of ``quality-search-notes.md`` above the table, when that file exists).
 """
 from __future__ import annotations
 
@@ -125,6 +126,10 @@ def write_table(jsonl: Path, out: Path) -> None:
             f"{100*s['twin']['mean']:.2f} | {100*s['raw_pixels']['mean']:.2f} | {100*s['random_features']['mean']:.2f} | "
             f"{100*d['mean']:+.2f} [{100*d['ci95'][0]:+.2f}, {100*d['ci95'][1]:+.2f}] | "
             f"{g.get('unit_cosine', float('nan')):.2f} | {g.get('dW_rel', float('nan')):.2f} |")
+    notes = out.with_name(out.stem + "-notes.md")
+    if notes.exists():  # the hand-written findings, kept above the table when it is rewritten
+        cut = next(i for i, l in enumerate(lines) if l.startswith("| # |"))
+        lines = lines[:cut] + [notes.read_text(encoding="utf-8").rstrip(), "", "## All trials", ""] + lines[cut:]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
