@@ -1,5 +1,4 @@
 """The text task (task = "qa"): gradient stages, plasticity between them, the BLEU monitor, resume, config."""
-import dataclasses
 import json
 import pathlib
 
