@@ -42,7 +42,7 @@ def test_make_pairs_cleans_and_deduplicates():
 
 
 def test_conversation_pairs_drop_code_blocks():
-    convs = [["a", "b", "c"], ["write code", "```\nprint(1)\n```", "thanks"]]
+    convs = [["a", "b", "c"], ["write code", "```\nprint(1)\n```", "thanks"], "a bare string"]
     assert conversation_pairs(convs) == [("a", "b"), ("b", "c")]
 
 

@@ -60,10 +60,14 @@ def _clean(text) -> str:
 
 
 def conversation_pairs(conversations: Iterable[Sequence]) -> list:
-    """Consecutive turns of each conversation as ``(question, answer)`` pairs;
-    a pair with a code block (a turn holding a fenced ````` block) is dropped."""
+    """Consecutive turns of each conversation (a list of turns) as ``(question,
+    answer)`` pairs; a pair with a code block (a turn holding a fenced `````
+    block) is dropped, and so is an entry that is not a list (one of the
+    corpus's trivia conversations is a bare string)."""
     pairs = []
     for conv in conversations:
+        if not isinstance(conv, (list, tuple)):
+            continue
         turns = [str(t) for t in conv]
         for q, a in zip(turns, turns[1:]):
             if CODE_FENCE in q or CODE_FENCE in a:
