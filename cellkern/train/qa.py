@@ -2,7 +2,8 @@
 
 A question's sentence vector (:class:`~cellkern.train.text.SentenceEncoder`,
 256 values, unit norm) is scaled to unit RMS (× 16) and laid on the input face
-as a 16 × 16 image (resampled to the face's H × W) and drives it like an image does (:func:`cellkern.train.monitor.drive`).
+as a 16 × 16 image (resampled to the face's H × W) and drives it like an
+image does (:func:`cellkern.train.monitor.drive`).
 A presentation runs ``present_steps`` (T) propagation steps from the zero
 state; the output face, average-pooled to 16 × 16 per channel, goes through a
 linear readout ``[256, C·256]`` (+ bias) to the predicted answer vector.
@@ -35,8 +36,8 @@ pairs) are decoded by the answer bank (:class:`AnswerBank`, the training
 answers' nearest neighbour by cosine) and scored by corpus BLEU
 (:mod:`cellkern.train.bleu`); the log shows both and a decoded example.
 
-**Report** (:func:`evaluate_qa`): corpus BLEU of the lattice on every
-training and held-out pair next to the baselines of the same split (see there).
+**Report** (:func:`cellkern.train.qa_report.evaluate_qa`): corpus BLEU of the
+lattice on every training and held-out pair next to the baselines of the same split.
 """
 from __future__ import annotations
 
@@ -53,14 +54,13 @@ import torch.nn.functional as functional
 
 from .. import ops
 from ..stencil import geometry, live_synapses
-from .bleu import best_constant, best_matches, corpus_bleu
+from .bleu import corpus_bleu
 from .config import make_rule, profile
 from .data import to_face
 from .monitor import BOUNDARY, drive
 from .text import ENCODER_DIM, QAData, SentenceEncoder
 
-__all__ = ["QATask", "AnswerBank", "activation_memory", "evaluate_qa", "readout_features", "qa_summary",
-           "MONITOR_PAIRS", "FACE"]
+__all__ = ["QATask", "AnswerBank", "activation_memory", "readout_features", "MONITOR_PAIRS", "FACE"]
 
 #: the sentence vector as an image, and the pooled output face the readout reads
 FACE = (16, 16)
@@ -323,7 +323,8 @@ class QATask:
         bar.close()
         rec["seconds"] += time.perf_counter() - t_stage
         rec["parallel"] = "none"
-        rec["synapse_updates_per_s"] = n_syn * cfg.batch * cfg.present_steps * st.steps / max(rec["train_seconds"], 1e-12)
+        propagations = cfg.batch * cfg.present_steps * st.steps   # forward only, as the classification stages
+        rec["synapse_updates_per_s"] = n_syn * propagations / max(rec["train_seconds"], 1e-12)
         rec["live_synapses"] = n_syn
         rec["peak_memory_bytes"] = self._held_bytes(t)
         rec["_activity_slice"] = None if t.y_prev is None else t.y_prev.mean(0)[dims[0] // 2].tolist()
@@ -405,7 +406,7 @@ class QATask:
                    method="torch.cuda.max_memory_allocated" if t.w.is_cuda else
                    "torch.profiler [memory] events (CPU allocator total)")
         for key, every in (("without_checkpointing_bytes", None), ("with_checkpointing_bytes", k)):
-            def one_step():
+            def one_step(every=every):
                 w = t.w.detach().requires_grad_(True)
                 wc = w.to(torch.bfloat16) if st.memory_optimizations else w
                 readout = (self.readout_w.detach().requires_grad_(True), self.readout_b.detach().requires_grad_(True))
@@ -415,98 +416,3 @@ class QATask:
             with torch.enable_grad():
                 out[key] = activation_memory(one_step, t.w.device)
         return out
-
-
-def evaluate_qa(trainer) -> dict:
-    """Corpus BLEU (0–100) on every training and held-out pair of the split:
-
-    * ``lattice`` — the trained lattice and readout, decoded by the answer bank;
-    * ``identity_lattice`` — the question's own vector decoded by the answer
-      bank (a lattice that passes its input through unchanged);
-    * ``copy_question`` — the question as the answer;
-    * ``constant_answer`` — the one training answer with the best corpus BLEU
-      on the training pairs, given for every question;
-    * ``tfidf_retrieval`` (held out) — the answer of the training question
-      nearest by plain (unprojected) TF-IDF cosine;
-    * ``untrained_lattice_ridge`` — the lattice with its initial weights (stage
-      1's, resampled to the final dims and pruned as the last stage) and a
-      closed-form ridge readout (α = ``decoder_alpha``) fitted on every
-      training pair: what a readout alone gets from an untrained lattice;
-    * ``answer_bank_oracle`` — per pair the bank answer with the best sentence
-      BLEU against the reference (held out; on the training pairs it is 100 by
-      construction: every training answer is in the bank).
-    """
-    task, data = trainer.qa, trainer.data
-    st = trainer.cfg.stages[-1]
-    dims = tuple(trainer.w.shape[1:])
-    t0 = time.perf_counter()
-    bank = task.bank
-    out = dict(train={}, held_out={}, pairs=dict(train=len(data.train_q), held_out=len(data.test_q),
-                                                 answer_bank=len(bank.texts)))
-    sets = dict(train=(data.train_q, data.train_a, task.q_train), held_out=(data.test_q, data.test_a, task.q_test))
-    const = best_constant(bank.texts, data.train_a)
-    out["constant_answer_text"] = bank.texts[const]
-    examples = []
-    for name, (qs, refs, Q) in sets.items():
-        hyp = bank.decode(task.predict(trainer.w, trainer.mask, Q, dims, st))
-        res = out[name]
-        res["lattice"] = corpus_bleu(hyp, refs)
-        res["identity_lattice"] = corpus_bleu(bank.decode(Q), refs)
-        res["copy_question"] = corpus_bleu(qs, refs)
-        res["constant_answer"] = corpus_bleu([bank.texts[const]] * len(refs), refs)
-        examples += [dict(set=name, question=qs[i], decoded=hyp[i], reference=refs[i]) for i in range(min(3, len(qs)))]
-    ridge = _untrained_ridge(trainer, dims, st)
-    for name, (qs, refs, Q) in sets.items():
-        out[name]["untrained_lattice_ridge"] = corpus_bleu(bank.decode(ridge(Q)), refs)
-    tr = task.encoder.tfidf(data.train_q)
-    nearest = []
-    for i in range(0, len(data.test_q), 64):
-        te = task.encoder.tfidf(data.test_q[i:i + 64]).to_dense()
-        nearest += torch.sparse.mm(tr, te.T).argmax(0).tolist()
-    out["held_out"]["tfidf_retrieval"] = corpus_bleu([data.train_a[i] for i in nearest], data.test_a)
-    oracle = best_matches(bank.texts, data.test_a)
-    out["held_out"]["answer_bank_oracle"] = corpus_bleu([bank.texts[i] for i in oracle], data.test_a)
-    out["train"]["answer_bank_oracle"] = 100.0
-    out["examples"] = examples
-    out["seconds"] = time.perf_counter() - t0
-    return out
-
-
-def _untrained_ridge(trainer, dims, st):
-    """A function: question vectors → the answer vectors a ridge readout of the untrained lattice predicts."""
-    from .monitor import RidgeDecoder
-    from .transfer import resample_field
-    from .trainer import prune_stage
-
-    cfg, task = trainer.cfg, trainer.qa
-    w0 = resample_field(trainer.w_initial, dims).clamp_(cfg.rule.w_min, cfg.rule.w_max)
-    mask0 = None
-    if st.sparse_keep < 1:
-        w0, mask0 = prune_stage(w0, None, st.sparse_keep, stencil=cfg.stencil, w_min=cfg.rule.w_min,
-                                w_max=cfg.rule.w_max)
-    ridge = RidgeDecoder(alpha=cfg.decoder_alpha).fit(task.features(w0, mask0, task.q_train, dims, st), task.a_train)
-    return lambda Q: ridge.predict(task.features(w0, mask0, Q, dims, st))
-
-
-def qa_summary(report: dict) -> list:
-    """The report's BLEU lines (Markdown)."""
-    q = report["quality"]
-    names = ("lattice", "identity_lattice", "untrained_lattice_ridge", "copy_question", "constant_answer",
-             "tfidf_retrieval", "answer_bank_oracle")
-    rows = ["", f"corpus BLEU (sacrebleu definition, 0-100) on {q['pairs']['train']} training and "
-                f"{q['pairs']['held_out']} held-out pairs:", "",
-            "| | " + " | ".join(n.replace("_", " ") for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for split in ("train", "held_out"):
-        vals = [q[split].get(n) for n in names]
-        rows.append(f"| {split.replace('_', '-')} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in vals)
-                    + " |")
-    rows.append("")
-    for st in report["stages"]:
-        am = st.get("activation_memory")
-        if am:
-            rows.append(f"{st['name']}: activation memory of one step (B={am['batch']}, T={am['steps']}, "
-                        f"{am['weights']} weights): {am['without_checkpointing_bytes'] / 2**20:.2f} MiB without "
-                        f"checkpointing, {am['with_checkpointing_bytes'] / 2**20:.2f} MiB with checkpoint_every="
-                        f"{am['checkpoint_every']} ({am['method']})")
-    rows.append(f"monitor overhead {100 * report['monitor_overhead']:.1f}% of training time")
-    return rows

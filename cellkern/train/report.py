@@ -157,7 +157,7 @@ def build_report(trainer) -> dict:
     train = sum(r["train_seconds"] for r in trainer.records)
     monitor = sum(r["monitor_seconds"] for r in trainer.records)
     if trainer.qa is not None:
-        from .qa import evaluate_qa
+        from .qa_report import evaluate_qa
 
         quality = evaluate_qa(trainer)
     else:
@@ -186,7 +186,7 @@ def summary_table(report: dict) -> str:
                     f"{s['synapse_updates_per_s'] / 1e6:.1f} M | {acc} | {s['estimated_memory_bytes'] / 2**20:.1f} MiB"
                     f" | {s['peak_memory_bytes'] / 2**20:.1f} MiB |")
     if report.get("task") == "qa":
-        from .qa import qa_summary
+        from .qa_report import qa_summary
 
         return "\n".join(rows + qa_summary(report))
     q = report["quality"]

@@ -60,10 +60,14 @@ def _clean(text) -> str:
 
 
 def conversation_pairs(conversations: Iterable[Sequence]) -> list:
-    """Consecutive turns of each conversation as ``(question, answer)`` pairs;
-    a pair with a code block (a turn holding a fenced ````` block) is dropped."""
+    """Consecutive turns of each conversation (a list of turns) as ``(question,
+    answer)`` pairs; a pair with a code block (a turn holding a fenced `````
+    block) is dropped, and so is an entry that is not a list (one of the
+    corpus's trivia conversations is a bare string)."""
     pairs = []
     for conv in conversations:
+        if not isinstance(conv, (list, tuple)):
+            continue
         turns = [str(t) for t in conv]
         for q, a in zip(turns, turns[1:]):
             if CODE_FENCE in q or CODE_FENCE in a:
@@ -128,8 +132,8 @@ def load_chatterbot(seed: int = 0, test_fraction: float = 0.2) -> QAData:
     """The English conversations of ``chatterbot-corpus`` as pairs (see :func:`make_pairs`).
 
     Every ``data/english/*.yml`` of the installed package is read with
-    ``yaml.safe_load`` in file-name order; about 1 160 pairs remain after the
-    code blocks and duplicates are dropped.
+    ``yaml.safe_load`` in file-name order; 1 078 pairs remain (chatterbot-corpus
+    1.3.3) after the code blocks and duplicates are dropped.
 
     Example:
         >>> d = load_chatterbot()  # doctest: +SKIP
