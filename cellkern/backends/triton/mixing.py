@@ -35,7 +35,7 @@ import triton.language as tl
 from ...contract import ACTIVATION_CODES, accumulation_dtype
 from ...stencil import Geometry
 from .. import new_output
-from .propagate import _INTERPRET, _TL_ACC, _activate, _activate_grad, _k_block, _mask_u8, _neighbour, _on
+from .propagate import _TL_ACC, _activate, _activate_grad, _k_block, _mask_u8, _neighbour, _on
 
 __all__ = ["MIXING", "mixing_aggregate_forward", "mixing_aggregate_backward", "mixing_propagate_forward",
            "mixing_propagate_backward", "competitive_hebbian_"]
