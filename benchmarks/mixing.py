@@ -51,7 +51,6 @@ import warnings
 import torch
 
 import cellkern as ck
-from cellkern import backends as ck_backends
 
 from . import harness as H
 from .propagate import cellkern_backends, parse_size
