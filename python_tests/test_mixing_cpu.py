@@ -11,12 +11,11 @@ full backend matrix are python_tests/test_mixing*.py).
 """
 import pytest
 import torch
+from conftest import TOL, assert_matches_reference
 
 from cellkern import backends
 from cellkern.backends import reference as ref
 from cellkern.stencil import Geometry, parse_boundary, stencil
-
-from conftest import TOL, assert_matches_reference
 
 cpu = backends._load("cpu")
 pytestmark = pytest.mark.skipif(cpu is None or not getattr(cpu, "MIXING", False),

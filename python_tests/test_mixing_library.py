@@ -208,7 +208,7 @@ def test_module_errors():
     with pytest.raises(ValueError, match="Lattice3d.plasticity_step: y belongs to the shared form's rules"):
         lat.plasticity_step(torch.rand(1, 2, 2, 2))
     with pytest.raises(RuntimeError, match="Lattice3d.state: a mixing lattice has no traces"):
-        lat.state
+        _ = lat.state
     with pytest.raises(ValueError, match=r"LocallyConnected3d: mask must be a bool tensor of shape \(26, 2, 2, 2\)"):
         ck.nn.LocallyConnected3d(1, 2, (2, 2, 2), mask=torch.ones(6, 2, 2, 2, dtype=torch.bool))
     with pytest.raises(TypeError, match="LocallyConnected3d: out_channels must be a positive int, got float 2.0"):

@@ -107,7 +107,7 @@ def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
 
 #: this backend has the mixing-form kernels
 MIXING = True
-from cellkern.contract import ACTIVATION_CODES as _MIX_ACT  # noqa: E402  (absolute: the emulation execs this part)
+from cellkern.contract import ACTIVATION_CODES as _MIX_ACT  # absolute: the emulation execs this part
 
 
 def mixing_aggregate_forward(s, w, mask, geom: Geometry):

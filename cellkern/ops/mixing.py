@@ -46,7 +46,7 @@ def mixing_weights(op: str, w, mask, K: int, s, *, square: bool, name: str = "s"
     """Check a mixing-form ``w`` ``[K, C_out, C_in, D, H, W]`` against the state
     ``s`` ``[B, C_in, D, H, W]`` (``C_out = C_in`` when ``square``); returns
     ``(w, mask)`` with a packed int32 mask unpacked to bool ``[K, D, H, W]``."""
-    B, C_in, *dims = s.shape
+    _, C_in, *dims = s.shape
     dims = tuple(dims)
     shape = tuple(w.shape)
     if shape[0] != K or shape[2] != C_in or shape[3:] != dims or (square and shape[1] != C_in):
