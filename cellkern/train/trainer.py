@@ -331,7 +331,8 @@ class Trainer:
         else:
             mask = self.mask
             if mask is not None:  # synapses outside the lattice count as live, or a face layer's void moves inward
-                mask = mask | ~live_synapses(None, geometry("trainer", self.cfg.stencil, BOUNDARY), tuple(self.w.shape[1:]), self.w.device)
+                mask = mask | ~live_synapses(None, geometry("trainer", self.cfg.stencil, BOUNDARY),
+                                             tuple(self.w.shape[-3:]), self.w.device)
             if mixing:  # signed weights, β resampled like θ
                 w, theta, mask = transfer(self.w, self.beta, mask, dims, w_min=-math.inf, w_max=math.inf)
             else:
