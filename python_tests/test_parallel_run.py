@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cellkern import parallel as ckp
+from cellkern.train import layouts as ckp
 from cellkern.train.checkpoint import load_checkpoint
 from cellkern.train.config import save_config
 from cellkern.train.trainer import Trainer
