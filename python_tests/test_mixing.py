@@ -418,5 +418,5 @@ def test_triangle_in_the_ell_form_is_the_dense_masked_form():
     from_ell = ck.ops.propagate(s, ell["w"], ell["mask"], leak=0.5, activation="triangle", backend="reference")
     torch.testing.assert_close(from_ell, dense)
     (gd,) = torch.autograd.grad(dense.sum(), s)
-    (gs,) = torch.autograd.grad(sparse.sum(), s)
+    (gs,) = torch.autograd.grad(from_ell.sum(), s)
     torch.testing.assert_close(gs, gd)

@@ -21,7 +21,7 @@ from trainer_utils import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-STATE = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "amp", "y_prev")
+STATE = ("w", "mask", "s", "x", "batch_y", "clusters", "factor", "lr_amplification", "y_prev")
 
 
 def _env() -> dict:
@@ -39,7 +39,7 @@ def _torchrun(*args) -> subprocess.CompletedProcess:
 
 
 def _config():
-    return tiny_config(checkpoint_every=10)
+    return tiny_config(checkpoint_every=10, features="face", present_steps=24, input_gain=4.0)
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,9 @@ class Trainer:
                              f"config: device must be \"cpu\", got {self.cfg.device!r}")
         if parallel is not None and self.cfg.model == "mixing":
             raise ValueError(f"Trainer: parallel={parallel!r} runs the shared model only; config: model is 'mixing'")
+        if parallel is not None and self.cfg.features != "face":
+            raise ValueError(f"Trainer: parallel={parallel!r} reads the output face only; config: features must be "
+                             f"\"face\", got {self.cfg.features!r}")
         self.par = make_layout(parallel, self.cfg)
         self.out = None if out is None else pathlib.Path(out)
         self.log, self.progress, self.stop_after = log, progress, stop_after
