@@ -73,7 +73,7 @@ def test_eval_samples_limits_the_quality_evaluation(tiny_run, tmp_path):
 def test_plan_prints_stages_and_the_largest_preset(tmp_path):
     res = CliRunner().invoke(main, ["plan", "--budget", "24GB"])
     assert res.exit_code == 0, res.output
-    assert "30x40x40" in res.output and "48,000" in res.output
+    assert "3x8x8" in res.output and "192" in res.output  # the built-in run: default_config()
     assert "largest preset that fits" in res.output
     path = save_config(tiny_config(), tmp_path / "t.toml")
     res = CliRunner().invoke(main, ["plan", "--budget", "200KB", "--config", str(path)])

@@ -364,7 +364,8 @@ class Trainer:
             name=st.name, requested_dims=list(st.dims), dims=list(dims), steps=st.steps,
             profile=st.plasticity_profile, keep=st.sparse_keep, seconds=0.0, train_seconds=0.0,
             monitor_seconds=0.0, estimated_memory_bytes=stage_estimate(cfg, st, dims), history=[], cluster_sizes=[],
-            transferred=bool(st.transfer_learning and self.stage > 0), max_abs_feature=0.0, reach_step=0))
+            transferred=bool(st.transfer_learning and self.stage > 0), max_abs_feature=0.0, reach_step=0,
+            presentations_read=0))
         self.started = True
         self.log(f"stage {self.stage + 1}/{len(cfg.stages)} {st.name}: {'x'.join(map(str, dims))}, "
                  f"profile {st.plasticity_profile}, keep {st.sparse_keep}, "
@@ -439,6 +440,7 @@ class Trainer:
                 if end and st.decoder_monitoring:
                     feats = self.par.features(self.s) if cfg.features == "face" else self.pres.features_of(self.s)
                     rec["max_abs_feature"] = max(rec["max_abs_feature"], float(feats.abs().max()))
+                    rec["presentations_read"] += 1
                     reach = self.pres.reach
                     rec["reach_step"] = None if reach is None or rec["reach_step"] is None else max(
                         rec["reach_step"], reach)
@@ -465,7 +467,7 @@ class Trainer:
         late = [h for h in rec["history"][len(rec["history"]) // 2:] if h.get("decoder_accuracy") is not None]
         n = sum(h["decoder_samples"] for h in late)
         rec["decoder_accuracy"] = sum(h["decoder_accuracy"] * h["decoder_samples"] for h in late) / n if n else None
-        if st.decoder_monitoring:
+        if st.decoder_monitoring and rec["presentations_read"]:  # a stage shorter than a presentation reads nothing
             check_reach(f"stage {self.stage + 1} ({st.name})", rec["max_abs_feature"], rec["reach_step"],
                         cfg.present_steps)
         self.stage, self.step, self.started = self.stage + 1, 0, False
