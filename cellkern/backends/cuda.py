@@ -22,7 +22,6 @@ if not torch.cuda.is_available():
     raise RuntimeError("built, but torch sees no CUDA device (torch.cuda.is_available() is False)")
 
 from .. import _C_cuda  # noqa: E402,F401  (registers the torch.ops.cellkern_cuda kernels)
-from ..contract import ACTIVATION_CODES, params_args  # noqa: E402
 from ..stencil import Geometry  # noqa: E402
 
 _ops = torch.ops.cellkern_cuda
@@ -39,8 +38,9 @@ def _stream(t: torch.Tensor) -> int:
 
 
 # ---- the backend functions (python_tests/test_cuda_emulation.py runs this part
-# with _ops, _on and _stream of the host-emulated kernels) ----
+# with _ops, _on and _stream of the host-emulated kernels; hence the absolute import) ----
 
+from cellkern.contract import ACTIVATION_CODES, params_args  # noqa: E402
 
 
 def set_poison(enabled: bool) -> None:
@@ -107,7 +107,6 @@ def heterosynaptic_normalize_(w, mask, geom: Geometry, target, where):
 
 #: this backend has the mixing-form kernels
 MIXING = True
-from cellkern.contract import ACTIVATION_CODES as _MIX_ACT  # absolute: the emulation execs this part
 
 
 def mixing_aggregate_forward(s, w, mask, geom: Geometry):
@@ -125,7 +124,7 @@ def mixing_aggregate_backward(g, s, w, mask, geom: Geometry, need_s: bool, need_
 def mixing_propagate_forward(s, w, mask, x, bias, geom: Geometry, leak: float, activation: str, save_u: bool):
     with _on(s):
         out, u = _ops.mixing_propagate_forward(s, w.to(s.dtype), mask, x, bias, _tab(geom, s), list(geom.periodic),
-                                               float(leak), _MIX_ACT[activation], bool(save_u), _stream(s))
+                                               float(leak), ACTIVATION_CODES[activation], bool(save_u), _stream(s))
     return out, (u if save_u else None)
 
 
@@ -133,7 +132,7 @@ def mixing_propagate_backward(g, s, w, mask, u, geom: Geometry, leak: float, act
                               need_s: bool, need_w: bool, need_u: bool):
     with _on(s):
         ds, dw, du = _ops.mixing_propagate_backward(g, s, w.to(s.dtype), mask, u, _tab(geom, s), list(geom.periodic),
-                                                    float(leak), _MIX_ACT[activation], bool(need_s), bool(need_w),
+                                                    float(leak), ACTIVATION_CODES[activation], bool(need_s), bool(need_w),
                                                     _stream(s))
     return (ds if need_s else None), (dw.to(w.dtype) if need_w else None), (du if need_u else None)
 
