@@ -61,7 +61,7 @@ def cv_alpha(x, y, n_classes, folds: int = 5, seed: int = 0) -> float:
     """The ridge α of :data:`ALPHAS` with the best mean accuracy over ``folds``
     folds of the training split (the test split is never seen); ties: the larger α."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    order = torch.randperm(x.shape[0], generator=g).to(x.device)
+    order = torch.randperm(x.shape[0], generator=g, device="cpu").to(x.device)
     parts = order.chunk(folds)
     best, best_acc = ALPHAS[0], -1.0
     for alpha in ALPHAS:
@@ -86,7 +86,7 @@ def fair_readout(xtr, ytr, xte, yte, n_classes, seed: int = 0) -> dict:
 def random_features(x: torch.Tensor, n_features: int, seed: int) -> torch.Tensor:
     """``relu(P·x)`` with a fixed seeded Gaussian ``P`` of ``n_features`` rows: random features of a given size."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    P = torch.randn(n_features, x.shape[1], generator=g).to(x.device) / x.shape[1] ** 0.5
+    P = torch.randn(n_features, x.shape[1], generator=g, device="cpu").to(x.device) / x.shape[1] ** 0.5
     return torch.relu(x @ P.T)
 
 
